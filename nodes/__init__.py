@@ -1,0 +1,15 @@
+"""The VCT nodes: thin ComfyUI glue around `vct_ops`. Reached only as `<pack>.nodes`."""
+from comfy_api.latest import ComfyExtension, io
+
+
+class VCTExtension(ComfyExtension):
+    """Lists the pack's nodes for ComfyUI."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        """Return the node classes this pack registers."""
+        return []
+
+
+async def comfy_entrypoint() -> VCTExtension:
+    """Return the extension ComfyUI loads."""
+    return VCTExtension()

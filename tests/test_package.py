@@ -1,0 +1,57 @@
+"""Layering rules: the kernel layer is host-agnostic and the pack imports without ComfyUI."""
+import ast
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ALLOWED = {"torch", "__future__", "typing", "dataclasses", "math", "collections", "functools", "itertools"}
+
+
+def imported_modules(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_kernel_layer_imports_torch_and_the_standard_library_only():
+    files = sorted((ROOT / "vct_ops").glob("*.py"))
+    assert files
+    for path in files:
+        outside = set(imported_modules(path)) - ALLOWED
+        assert not outside, f"{path.name} imports {sorted(outside)}"
+
+
+def load_pack_like_comfyui(name="ComfyUI-VCT"):
+    # ComfyUI imports a custom node folder as a package named after the folder.
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+def test_pack_imports_cleanly_without_comfyui():
+    if importlib.util.find_spec("comfy_api") is not None:
+        pytest.skip("ComfyUI is importable here; the host tier covers registration")
+    module = load_pack_like_comfyui()
+    assert module.__all__ == []
+    assert not hasattr(module, "comfy_entrypoint")
+
+
+def test_nodes_folder_is_not_a_top_level_package(tmp_path):
+    # Asked of the installed environment from a neutral folder, not of this test process (whose
+    # sys.path depends on how pytest was started): our nodes/ must never shadow ComfyUI's `nodes`.
+    probe = "import importlib.util as u; s = u.find_spec('nodes'); print(s.origin if s else '')"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    origin = found.stdout.strip()
+    assert not origin or ROOT not in pathlib.Path(origin).resolve().parents, origin

@@ -1,0 +1,244 @@
+"""Attention control for the dual-branch sampler, in ComfyUI's attention-replace contract.
+
+A replace function is `fn(q, k, v, extra_options) -> out` with `q, k, v` shaped
+`[rows, tokens, heads * dim_head]` and the head count in `extra_options["n_heads"]`. The sampler
+tags every row of its batch with a role in `extra_options[ROLES_KEY]`: `"uncond"`, `"ref"` (the
+reconstruction branch B*) or `"main"` (the translation branch B). Only the conditional rows of B
+are changed, and only inside step windows that are derived from the current sigma. Nothing is
+kept across calls, so no attention map outlives the layer that computed it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .schedule import window_sigma
+
+ROLES_KEY = "vct_roles"
+ROLE_UNCOND, ROLE_REF, ROLE_MAIN = "uncond", "ref", "main"
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+ReplaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, tokens, width = t.shape
+    return t.view(rows, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    rows, heads, tokens, dim = t.shape
+    return t.transpose(1, 2).reshape(rows, tokens, heads * dim)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Return softmax(q k^T / sqrt(d)) v for `[rows, tokens, heads * d]` inputs, via PyTorch's fused kernel."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    )
+    return _merge_heads(out)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Return the attention probabilities `[rows, heads, queries, keys]`."""
+    qh, kh = _split_heads(q, heads), _split_heads(k, heads)
+    scale = qh.shape[-1] ** -0.5
+    return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)
+
+
+def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Return `probs @ v` merged back to `[rows, tokens, heads * d]`."""
+    return _merge_heads(probs.to(v.dtype) @ _split_heads(v, heads))
+
+
+def refine_mapping(
+    source_ids: Sequence[int], target_ids: Sequence[int], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (mapper, alphas) aligning target tokens to source tokens, as prompt-to-prompt's refine.
+
+    Both id lists are the real token sequences (start and end tokens included, padding
+    excluded). Tokens in a longest common subsequence map to their partner (alpha 1); target
+    tokens absent from the source keep their own maps (alpha 0); padding maps to the same
+    position (alpha 1). Give concept vectors ids no real token has (e.g. negative ones).
+    """
+    src, tgt = list(source_ids), list(target_ids)
+    if len(src) > length or len(tgt) > length:
+        raise ValueError(f"token sequences of {len(src)} and {len(tgt)} tokens do not fit in {length} positions")
+    # Global alignment with match 1, mismatch -1, gap 0 (prompt-to-prompt's scores) is an LCS.
+    table = [[0] * (len(tgt) + 1) for _ in range(len(src) + 1)]
+    for i in range(len(src) - 1, -1, -1):
+        for j in range(len(tgt) - 1, -1, -1):
+            if src[i] == tgt[j]:
+                table[i][j] = table[i + 1][j + 1] + 1
+            else:
+                table[i][j] = max(table[i + 1][j], table[i][j + 1])
+    mapper = torch.arange(length, dtype=torch.long)
+    alphas = torch.ones(length)
+    mapper[: len(tgt)] = 0
+    alphas[: len(tgt)] = 0.0
+    i = j = 0
+    while i < len(src) and j < len(tgt):
+        if src[i] == tgt[j]:
+            mapper[j], alphas[j] = i, 1.0
+            i, j = i + 1, j + 1
+        elif table[i + 1][j] >= table[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return mapper, alphas
+
+
+def token_weights(length: int, positions: Sequence[int], value: float) -> torch.Tensor:
+    """Return per-token weights: `value` at `positions`, 1 elsewhere (the concept-token equaliser)."""
+    weights = torch.ones(length)
+    for p in positions:
+        if not 0 <= p < length:
+            raise ValueError(f"token position {p} is outside 0..{length - 1}")
+        weights[p] = value
+    return weights
+
+
+def _current_sigma(extra_options: dict) -> Optional[float]:
+    sigma = extra_options.get("sigmas")
+    if sigma is None:
+        return None
+    return float(torch.as_tensor(sigma).max())
+
+
+def _role_rows(extra_options: dict, rows: int) -> Optional[tuple[list[int], list[int]]]:
+    roles = extra_options.get(ROLES_KEY)
+    if roles is None:
+        return None
+    if len(roles) != rows:
+        raise RuntimeError(
+            f"attention received {rows} rows but the sampler tagged {len(roles)}; another node split the "
+            "VCT batch, which the dual-branch sampler does not support"
+        )
+    ref = [i for i, r in enumerate(roles) if r == ROLE_REF]
+    main = [i for i, r in enumerate(roles) if r == ROLE_MAIN]
+    if len(ref) != len(main):
+        raise RuntimeError(f"the VCT batch has {len(ref)} reconstruction rows but {len(main)} translation rows")
+    return (ref, main) if ref else None
+
+
+@dataclass
+class InjectionConfig:
+    """What B borrows from B*: windows as fractions of the steps, the refine mapping and the equaliser."""
+
+    self_fraction: float = 0.9
+    cross_fraction: float = 0.2
+    mapper: Optional[torch.Tensor] = None
+    alphas: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    # Self-attention layers with at most this fraction of the latent's positions as queries are
+    # injected: 1/4 gives the reference's 32x32 limit for 64x64 latents (SD1.5 at 512 px), and
+    # scales with resolution so that SDXL at 1024 px behaves alike.
+    self_area_fraction: float = 0.25
+
+
+class AttentionController:
+    """Per-run attention control: decides per call whether B's maps come from B*, from sigma and layer size."""
+
+    def __init__(
+        self, sigmas: torch.Tensor, config: InjectionConfig, attention: AttentionFn = sdpa_attention
+    ) -> None:
+        """Build a controller for one sampling run over the descending schedule `sigmas`."""
+        self.config = config
+        self.attention = attention
+        self.self_threshold = window_sigma(sigmas, config.self_fraction)
+        self.cross_threshold = window_sigma(sigmas, config.cross_fraction)
+
+    def _plain(self, q, k, v, extra_options, prev: Optional[ReplaceFn]) -> torch.Tensor:
+        if prev is not None:
+            return prev(q, k, v, extra_options)
+        return self.attention(q, k, v, extra_options["n_heads"])
+
+    def self_active(self, extra_options: dict, queries: int) -> bool:
+        """Return whether self-attention injection applies at this call's step, for a layer of `queries` tokens."""
+        sigma = _current_sigma(extra_options)
+        shape = extra_options.get("original_shape")
+        if sigma is None or shape is None or not sigma > self.self_threshold:
+            return False
+        return queries <= self.config.self_area_fraction * shape[-1] * shape[-2]
+
+    def cross_active(self, extra_options: dict) -> bool:
+        """Return whether cross-attention refine applies at this call's step."""
+        sigma = _current_sigma(extra_options)
+        return sigma is not None and sigma > self.cross_threshold
+
+    def self_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None) -> torch.Tensor:
+        """Return self-attention where B's rows use B*'s probabilities (their own values) when injected."""
+        pairs = _role_rows(extra_options, q.shape[0])
+        if pairs is None or not self.self_active(extra_options, q.shape[1]):
+            return self._plain(q, k, v, extra_options, prev)
+        ref, main = pairs
+        # softmax(q_ref k_ref^T) v_main is B* 's map applied to B's values: swap B's queries and
+        # keys for B*'s and let the fused kernel do it, without materialising the map.
+        q2, k2 = q.clone(), k.clone()
+        q2[main], k2[main] = q[ref], k[ref]
+        return self._plain(q2, k2, v, extra_options, prev)
+
+    def cross_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None) -> torch.Tensor:
+        """Return cross-attention where B's maps take B*'s at aligned tokens, with concept tokens re-weighted."""
+        pairs = _role_rows(extra_options, q.shape[0])
+        out = self._plain(q, k, v, extra_options, prev)
+        if pairs is None or not self.cross_active(extra_options):
+            return out
+        ref, main = pairs
+        heads = extra_options["n_heads"]
+        probs_ref = attention_probs(q[ref], k[ref], heads)
+        probs_main = attention_probs(q[main], k[main], heads)
+        mixed = self.refine(probs_ref, probs_main)
+        controlled = apply_probs(mixed, v[main], heads)
+        out = out.clone()
+        if prev is None:
+            out[main] = controlled.to(out.dtype)
+        else:
+            # Another pack's patch (e.g. an image-prompt adapter) shaped `out`; keep its
+            # contribution and change only the part the text attention makes.
+            out[main] = out[main] + (controlled - apply_probs(probs_main, v[main], heads)).to(out.dtype)
+        return out
+
+    def refine(self, probs_ref: torch.Tensor, probs_main: torch.Tensor) -> torch.Tensor:
+        """Return B's refined maps: B*'s at aligned tokens (alpha 1), B's own elsewhere, times the token weights."""
+        keys = probs_main.shape[-1]
+        cfg = self.config
+        mixed = probs_main
+        if cfg.mapper is not None:
+            mapper = cfg.mapper.to(probs_main.device)
+            alphas = (cfg.alphas if cfg.alphas is not None else torch.ones(keys)).to(probs_main)
+            if mapper.numel() != keys or alphas.numel() != keys:
+                raise ValueError(
+                    f"the refine mapping covers {mapper.numel()} tokens but the conditioning has {keys}; "
+                    "encode the source and concept prompts with the same text encoder"
+                )
+            mixed = probs_ref[..., mapper] * alphas + probs_main * (1.0 - alphas)
+        if cfg.weights is not None:
+            if cfg.weights.numel() != keys:
+                raise ValueError(
+                    f"the token weights cover {cfg.weights.numel()} tokens but the conditioning has {keys}"
+                )
+            mixed = mixed * cfg.weights.to(mixed)
+        return mixed
+
+    def patch(self, kind: str, prev: Optional[ReplaceFn] = None) -> "AttentionPatch":
+        """Return a replace function for one block ('attn1' self, 'attn2' cross) that wraps `prev`."""
+        if kind not in ("attn1", "attn2"):
+            raise ValueError(f"kind must be 'attn1' or 'attn2', got {kind!r}")
+        return AttentionPatch(self, kind, prev)
+
+
+class AttentionPatch:
+    """A replace function registered on one block; calls the controller, composing with the block's previous patch."""
+
+    def __init__(self, controller: AttentionController, kind: str, prev: Optional[ReplaceFn]) -> None:
+        """Bind a controller to a block kind and the patch that was there before."""
+        self.controller, self.kind, self.prev = controller, kind, prev
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """Return the attention output for this block."""
+        if self.kind == "attn1":
+            return self.controller.self_attention(q, k, v, extra_options, self.prev)
+        return self.controller.cross_attention(q, k, v, extra_options, self.prev)

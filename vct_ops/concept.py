@@ -1,0 +1,171 @@
+"""Concept learning: multi-vector textual inversion of the reference image.
+
+Only the `n` concept vectors train; the text encoder and the denoiser are used as frozen
+callables. The text encoder is a callable from the vectors to conditioning, so this kernel
+never sees a tokenizer and works for one encoder (SD1.x/SD2.x) or several (a dict of vectors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+
+from .conditioning import Cond, cond_detach, cond_leaves, cond_map
+from .ddim import Denoiser
+from .validate import check_finite, check_latent, check_steps
+
+LatentSampler = Callable[[torch.Generator], torch.Tensor]
+TextEncoder = Callable[[Cond], Cond]
+ProgressCallback = Callable[[int, int], None]
+PREDICTION_TYPES = ("eps", "v")
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    """Hyper-parameters of concept learning; defaults are the reference code's."""
+
+    steps: int = 500
+    learning_rate: float = 5e-4
+    grad_accum: int = 4
+    batch_size: int = 1
+    scale_lr: bool = True
+    l1_weight: float = 1.0
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    prediction: str = "eps"
+    seed: int = 0
+
+    def effective_lr(self) -> float:
+        """Return the learning rate used, scaled by accumulation and batch as the reference does."""
+        return self.learning_rate * (self.grad_accum * self.batch_size if self.scale_lr else 1)
+
+
+@dataclass
+class ConceptResult:
+    """The learned vectors (detached) and the mean loss of every optimisation step."""
+
+    vectors: Cond
+    losses: list[float]
+
+
+def init_concept_vectors(token_embeddings: torch.Tensor, num_vectors: int) -> torch.Tensor:
+    """Return `num_vectors` initial vectors: vector i copies the initializer's token i * len // n."""
+    check_steps("num_vectors", num_vectors, low=1, high=75)
+    if token_embeddings.dim() != 2 or token_embeddings.shape[0] == 0:
+        raise ValueError(
+            "the initializer must encode to at least one token; give a word such as 'girl' or 'painting'"
+        )
+    count = token_embeddings.shape[0]
+    rows = [i * count // num_vectors for i in range(num_vectors)]
+    return token_embeddings[rows].detach().clone()
+
+
+def reference_latent_sampler(
+    mean: torch.Tensor, std: Optional[torch.Tensor] = None, flip_probability: float = 0.5
+) -> LatentSampler:
+    """Return a sampler of training latents: randomly mirrored, drawn from N(mean, std^2) when `std` is given."""
+    check_latent("mean", mean)
+
+    def sample(generator: torch.Generator) -> torch.Tensor:
+        flip = bool(torch.rand((), generator=generator) < flip_probability)
+        if std is not None:
+            noise = torch.randn(mean.shape, generator=generator).to(mean)
+            latent = mean + std * noise
+        else:
+            latent = mean
+        return latent.flip(-1) if flip else latent
+
+    return sample
+
+
+def concept_loss(
+    denoise: Denoiser,
+    cond: Cond,
+    z0: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    prediction: str = "eps",
+    l1_weight: float = 1.0,
+) -> torch.Tensor:
+    """Return the training loss: MSE on the model's native target (noise or v) plus `l1_weight` * L1 of predicted z0.
+
+    `sigma` holds one noise level per row; the noisy state is `x = z0 + sigma * noise`.
+    """
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+    s = sigma.view(-1, *([1] * (z0.dim() - 1))).to(z0)
+    x = z0 + s * noise
+    denoised = denoise(x, sigma.to(z0), cond, None)
+    eps_hat = (x - denoised) / s
+    if prediction == "eps":
+        loss = torch.mean((eps_hat - noise) ** 2)
+    else:
+        # v = sqrt(alpha_bar) * (noise - sigma * z0) in latent units.
+        alpha_bar = 1.0 / (1.0 + s * s)
+        loss = torch.mean(alpha_bar * ((eps_hat - s * denoised) - (noise - s * z0)) ** 2)
+    if l1_weight:
+        loss = loss + l1_weight * torch.mean(torch.abs(denoised - z0))
+    return loss
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The vectors stay float32 master copies; the model may run in another precision.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def learn_concept(
+    denoise: Denoiser,
+    encode: TextEncoder,
+    init_vectors: Cond,
+    sample_latent: LatentSampler,
+    train_sigmas: torch.Tensor,
+    config: ConceptConfig = ConceptConfig(),
+    progress: Optional[ProgressCallback] = None,
+) -> ConceptResult:
+    """Return concept vectors learned by textual inversion on the reference latent, with the loss history.
+
+    Each optimisation step accumulates `grad_accum` micro-batches of `batch_size` rows, each with
+    a uniformly drawn training timestep and fresh noise; AdamW updates only the vectors.
+    Seeded: the same seed, inputs and device give the same vectors.
+    """
+    check_steps("steps", config.steps, low=1, high=100_000)
+    check_steps("grad_accum", config.grad_accum, low=1, high=1024)
+    check_steps("batch_size", config.batch_size, low=1, high=1024)
+    if config.prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {config.prediction!r}")
+    for leaf in cond_leaves(init_vectors):
+        check_finite("init_vectors", leaf)
+    generator = torch.Generator().manual_seed(int(config.seed))
+    vectors = cond_map(lambda t: t.detach().clone().float().requires_grad_(True), init_vectors)
+    params = cond_leaves(vectors)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.effective_lr(), betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+    )
+    losses: list[float] = []
+    num_train = train_sigmas.numel()
+    with torch.enable_grad():
+        for step in range(config.steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(config.grad_accum):
+                z0 = torch.cat([sample_latent(generator) for _ in range(config.batch_size)])
+                timesteps = torch.randint(0, num_train, (config.batch_size,), generator=generator)
+                noise = torch.randn(z0.shape, generator=generator).to(z0)
+                sigma = train_sigmas[timesteps].to(device=z0.device)
+                cond = encode(cond_map(partial(_cast, dtype=z0.dtype), vectors))
+                loss = concept_loss(denoise, cond, z0, sigma, noise, config.prediction, config.l1_weight)
+                (loss / config.grad_accum).backward()
+                total += loss.item()
+            mean_loss = total / config.grad_accum
+            if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
+                raise ValueError(
+                    f"concept loss became {mean_loss} at step {step + 1}; lower the learning rate or run in float32"
+                )
+            optimizer.step()
+            losses.append(mean_loss)
+            if progress is not None:
+                progress(step + 1, config.steps)
+    return ConceptResult(vectors=cond_detach(vectors), losses=losses)

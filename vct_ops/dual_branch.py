@@ -1,0 +1,78 @@
+"""Content-concept fusion: the dual-branch sampler.
+
+B* (reconstruction: source prompt) and B (translation: concept prompt) start from the same
+inverted noise and share the per-step null embeddings as their unconditional input. Each step
+sends all four rows through the model in one call, tagged with their roles, so attention
+control can let B borrow B*'s maps inside that same call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .attention import ROLE_MAIN, ROLE_REF, ROLE_UNCOND, ROLES_KEY
+from .conditioning import Cond, cond_cat
+from .ddim import Denoiser, StepCallback, _match_batch, _sigma_batch, cfg, ddim_step
+from .validate import check_latent, check_sigmas
+
+
+@dataclass
+class DualBranchResult:
+    """Final states of the translation branch B (`main`) and of the reconstruction branch B* (`ref`)."""
+
+    main: torch.Tensor
+    ref: torch.Tensor
+
+
+def dual_branch_sample(
+    denoise: Denoiser,
+    x_T: torch.Tensor,
+    sigmas: torch.Tensor,
+    source_cond: Cond,
+    concept_cond: Cond,
+    null_embeddings: list[Cond],
+    guidance: float = 7.5,
+    transformer_options: Optional[dict] = None,
+    callback: Optional[StepCallback] = None,
+) -> DualBranchResult:
+    """Return B and B* after sampling both from `x_T` with CFG, one four-row model call per step.
+
+    Rows are `[uncond B*, uncond B, cond B*, cond B]`; `transformer_options` (e.g. attention
+    patches) is passed through with the row roles, the current sigma and the schedule added.
+    """
+    check_latent("x_T", x_T)
+    check_sigmas("sigmas", sigmas)
+    steps = sigmas.numel() - 1
+    if len(null_embeddings) != steps:
+        raise ValueError(
+            f"null_embeddings holds {len(null_embeddings)} per-step embeddings but the schedule has {steps} "
+            "steps; run the content inversion with the same number of steps"
+        )
+    rows = x_T.shape[0]
+    source_cond = _match_batch(source_cond, rows)
+    concept_cond = _match_batch(concept_cond, rows)
+    roles = [ROLE_UNCOND] * (2 * rows) + [ROLE_REF] * rows + [ROLE_MAIN] * rows
+    base_options = dict(transformer_options or {})
+    x_ref, x_main = x_T, x_T
+    with torch.no_grad():
+        for i in range(steps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            if sigma_next != sigma:
+                phi = _match_batch(null_embeddings[i], rows)
+                sig = _sigma_batch(sigma, 4 * rows, x_T)
+                options = dict(base_options, sigmas=sig, sample_sigmas=sigmas)
+                options[ROLES_KEY] = roles
+                den = denoise(
+                    torch.cat([x_ref, x_main, x_ref, x_main]),
+                    sig,
+                    cond_cat([phi, phi, source_cond, concept_cond]),
+                    options,
+                )
+                u_ref, u_main, c_ref, c_main = den.chunk(4)
+                x_ref = ddim_step(x_ref, sigma, sigma_next, cfg(u_ref, c_ref, guidance))
+                x_main = ddim_step(x_main, sigma, sigma_next, cfg(u_main, c_main, guidance))
+            if callback is not None:
+                callback(i + 1, steps, x_main)
+    return DualBranchResult(main=x_main, ref=x_ref)
