@@ -104,3 +104,29 @@ def test_bad_steps_raise():
     with pytest.raises(ValueError, match="steps"):
         vct_ops.learn_concept(denoise, encoder, init, vct_ops.reference_latent_sampler(z_ref), tn.sd_train_sigmas(),
                               vct_ops.ConceptConfig(steps=0))
+
+
+def test_one_optimiser_update_per_step_whatever_the_accumulation(monkeypatch):
+    denoise, encoder, z_ref, init = make_setting()
+    updates = []
+    original = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        updates.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    config = vct_ops.ConceptConfig(steps=3, grad_accum=4, seed=0)
+    result = vct_ops.learn_concept(denoise, encoder, init, vct_ops.reference_latent_sampler(z_ref),
+                                   tn.sd_train_sigmas(), config)
+    assert len(updates) == 3 and len(result.losses) == 3
+    assert config.effective_lr() == pytest.approx(2e-3)  # 5e-4 scaled by accumulation 4, as the reference
+
+
+def test_l1_term_is_the_mean_absolute_error_of_predicted_z0():
+    model = tn.GaussianDenoiser()
+    z0, noise, sigma = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([0.7, 5.0])
+    with_l1 = vct_ops.concept_loss(model, None, z0, sigma, noise, l1_weight=2.0)
+    without = vct_ops.concept_loss(model, None, z0, sigma, noise, l1_weight=0.0)
+    den = model(z0 + sigma.view(-1, 1, 1, 1) * noise, sigma, None)
+    torch.testing.assert_close(with_l1 - without, 2.0 * (den - z0).abs().mean())

@@ -69,3 +69,16 @@ def test_wrong_trajectory_length_raises(setting):
         vct_ops.null_text_invert(denoise, trajectory[:-1], sigmas, c_src, c_null)
     with pytest.raises(ValueError, match="inner_steps"):
         vct_ops.null_text_invert(denoise, trajectory, sigmas, c_src, c_null, inner_steps=0)
+
+
+def test_each_step_starts_from_the_previous_embedding_with_a_decaying_rate(setting):
+    denoise, sigmas, _, c_src, c_null, trajectory = setting
+    # One Adam iteration per step moves every element by about lr_i (its first update is
+    # g / |g|), so each step's change from the previous embedding reveals lr_i = 1e-2 * (1 - i / 100).
+    result = vct_ops.null_text_invert(denoise, trajectory, sigmas, c_src, c_null, inner_steps=1, early_stop=0.0,
+                                      early_stop_slope=0.0)
+    previous = c_null
+    for i, embedding in enumerate(result.embeddings[:-1]):
+        moved = float((embedding - previous).abs().max())
+        assert moved == pytest.approx(1e-2 * (1 - i / 100), rel=1e-3), i
+        previous = embedding

@@ -93,3 +93,7 @@ def test_windows_cover_the_first_fraction_of_steps():
         threshold = vct_ops.window_sigma(sigmas, fraction)
         inside = [i for i in range(50) if float(sigmas[i]) > threshold]
         assert inside == list(range(expected)), fraction
+        if 0 < expected < 50:
+            # A margin on both sides: a sigma rounded on its way through a half-precision model
+            # still falls on the right side.
+            assert float(sigmas[expected]) * 1.01 < threshold < float(sigmas[expected - 1]) * 0.99
