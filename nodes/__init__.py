@@ -1,13 +1,20 @@
 """The VCT nodes: thin ComfyUI glue around `vct_ops`. Reached only as `<pack>.nodes`."""
 from comfy_api.latest import ComfyExtension, io
 
+from .files import VCTLoadInversion, VCTSaveInversion
+from .invert import VCTDDIMInvert, VCTNullTextInvert
+from .learn import VCTConceptLearn
+from .sample import VCTDualBranchSampler
+
+NODES = [VCTDDIMInvert, VCTNullTextInvert, VCTConceptLearn, VCTDualBranchSampler, VCTSaveInversion, VCTLoadInversion]
+
 
 class VCTExtension(ComfyExtension):
     """Lists the pack's nodes for ComfyUI."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         """Return the node classes this pack registers."""
-        return []
+        return list(NODES)
 
 
 async def comfy_entrypoint() -> VCTExtension:

@@ -1,0 +1,79 @@
+"""VCT Save Inversion and VCT Load Inversion: keep the expensive inversion across restarts."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from . import host, storage
+from .invert import check_matches_model
+from .payloads import Inversion
+
+
+class VCTSaveInversion(io.ComfyNode):
+    """Saves an inversion (trajectory and null embeddings) to the output folder."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTSaveInversion",
+            display_name="VCT Save Inversion",
+            category="VCT",
+            description="Saves an inversion to output/vct_inversions/ so a restart does not redo the null-text "
+            "optimisation. The file remembers the model and source image it belongs to.",
+            inputs=[
+                Inversion.Input("inversion", tooltip="The inversion to save (best after null-text inversion)."),
+                io.String.Input("filename_prefix", default="inversion", tooltip="File name start; a counter is "
+                                "added (e.g. inversion_00001.safetensors)."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
+        """Write the file and show its name."""
+        path = storage.save_inversion(inversion, filename_prefix)
+        return io.NodeOutput(ui={"text": [os.path.basename(path)]})
+
+
+class VCTLoadInversion(io.ComfyNode):
+    """Loads a saved inversion, refusing it for another model or another source image."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTLoadInversion",
+            display_name="VCT Load Inversion",
+            category="VCT",
+            description="Loads an inversion saved by VCT Save Inversion. It is checked against the model and the "
+            "encoded source image, and refused if either differs.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the inversion was made with (same LoRAs)."),
+                io.Latent.Input("latent", tooltip="The encoded source image the inversion was made from."),
+                io.Combo.Input("inversion_file", options=storage.list_inversions(),
+                               tooltip="A file in output/vct_inversions/."),
+            ],
+            outputs=[Inversion.Output("inversion", tooltip="The loaded inversion.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, inversion_file) -> io.NodeOutput:
+        """Load the file and check it belongs to this model and image."""
+        node = "VCT Load Inversion"
+        host.check_family(model, node)
+        data = storage.load_inversion(inversion_file)
+        check_matches_model(data, model, node)
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if samples is None:
+            raise ValueError("latent must be a LATENT (connect a VAEEncode of the source image)")
+        if tuple(samples.shape) != tuple(data.source_latent.shape):
+            raise ValueError(
+                f"{node}: {inversion_file} was made from a {tuple(data.source_latent.shape)} latent but the "
+                f"connected one is {tuple(samples.shape)}; connect the same source image at the same size"
+            )
+        if not storage.same_latent(samples, data.source_latent):
+            raise ValueError(f"{node}: {inversion_file} was made from another source image; connect that image")
+        return io.NodeOutput(data)

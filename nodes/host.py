@@ -1,0 +1,255 @@
+"""The one place that adapts ComfyUI's model objects to the kernel layer's contracts.
+
+Everything here reads ComfyUI objects (a ModelPatcher, CONDITIONING lists, the patch
+registry) and hands `vct_ops` plain tensors and callables.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from typing import Callable, Iterator, Optional
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_base
+import comfy.model_management
+import comfy.supported_models
+import comfy.utils
+import torch
+
+from ..vct_ops import ROLE_UNCOND, ROLES_KEY
+from ..vct_ops.validate import check_latent
+
+log = logging.getLogger("ComfyUI-VCT")
+
+# Model families the nodes accept, by ComfyUI model-config class.
+SUPPORTED_FAMILIES = {"SD15": comfy.supported_models.SD15}
+
+
+def family_name(model) -> str:
+    """Return the name of the model's ComfyUI model-config class (e.g. 'SD15', 'SDXL', 'Flux')."""
+    return type(model.model.model_config).__name__
+
+
+def check_family(model, node: str) -> str:
+    """Return the family name, or raise a ValueError naming it and the supported ones."""
+    name = family_name(model)
+    if type(model.model.model_config) not in SUPPORTED_FAMILIES.values():
+        raise ValueError(
+            f"{node}: the connected model is a {name} model; VCT supports {', '.join(SUPPORTED_FAMILIES)} "
+            "checkpoints. Load a Stable Diffusion 1.x checkpoint with CheckpointLoaderSimple."
+        )
+    return name
+
+
+def model_fingerprint(model) -> str:
+    """Return a content hash of the model's weights (sampled) and its weight patches (LoRA etc.)."""
+    digest = hashlib.sha256(family_name(model).encode())
+    params = list(model.model.diffusion_model.named_parameters())
+    for name, p in params[:: max(1, len(params) // 16)]:
+        digest.update(name.encode())
+        digest.update(str(tuple(p.shape)).encode())
+        sample = p.detach().flatten()[:64].to(device="cpu", dtype=torch.float32)
+        digest.update(sample.numpy().tobytes())
+    for key in sorted(model.patches):
+        digest.update(key.encode())
+        digest.update(str([entry[0] for entry in model.patches[key]]).encode())
+    return digest.hexdigest()[:16]
+
+
+def train_sigmas(model) -> torch.Tensor:
+    """Return the sigma of every training timestep of the model's sampling schedule (float32, CPU)."""
+    sigmas = model.get_model_object("model_sampling").sigmas
+    return sigmas.detach().to(device="cpu", dtype=torch.float32)
+
+
+def prediction_type(model) -> str:
+    """Return 'eps' or 'v' for the kernel's concept loss."""
+    kind = model.model.model_type
+    if kind == comfy.model_base.ModelType.EPS:
+        return "eps"
+    if kind == comfy.model_base.ModelType.V_PREDICTION:
+        return "v"
+    raise ValueError(f"VCT supports eps- and v-prediction models; this model predicts {kind.name}")
+
+
+def conditioning_tensor(conditioning, name: str) -> torch.Tensor:
+    """Return the cross-attention tensor of a CONDITIONING input, checking it has exactly one entry."""
+    if not isinstance(conditioning, list) or len(conditioning) == 0:
+        raise ValueError(f"{name} is empty; connect a CLIPTextEncode (an empty prompt is the paper's choice)")
+    if len(conditioning) > 1:
+        raise ValueError(
+            f"{name} holds {len(conditioning)} combined conditionings; VCT needs a single prompt "
+            "(remove ConditioningCombine/Concat before this node)"
+        )
+    tensor = conditioning[0][0]
+    if tensor.dim() != 3:
+        raise ValueError(f"{name} must be a [batch, tokens, width] text conditioning, got {tuple(tensor.shape)}")
+    return tensor
+
+
+def context_width(model) -> Optional[int]:
+    """Return the cross-attention width the model expects, when its config says."""
+    return model.model.model_config.unet_config.get("context_dim")
+
+
+def check_conditioning_width(model, tensor: torch.Tensor, name: str) -> None:
+    """Raise ValueError when a conditioning is not as wide as the model's cross-attention."""
+    width = context_width(model)
+    if width is not None and tensor.shape[-1] != width:
+        raise ValueError(
+            f"{name} is {tensor.shape[-1]} wide but this model's cross-attention takes {width}: "
+            "it was encoded by another model's text encoder; encode it with this checkpoint's CLIP"
+        )
+
+
+def latent_in(model, latent: dict, name: str) -> torch.Tensor:
+    """Return the LATENT's samples in the model's working scale (ComfyUI's process_latent_in), float32."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if samples is None:
+        raise ValueError(f"{name} must be a LATENT (connect a VAEEncode)")
+    check_latent(name, samples)
+    expected = model.model.latent_format.latent_channels
+    if samples.shape[1] != expected:
+        raise ValueError(
+            f"{name} has {samples.shape[1]} channels but this model's latents have {expected}; "
+            "encode the image with this checkpoint's VAE"
+        )
+    return model.model.process_latent_in(samples.float())
+
+
+def latent_out(model, z: torch.Tensor) -> dict:
+    """Return a LATENT dict from a latent in the model's working scale."""
+    return {"samples": model.model.process_latent_out(z.float()).to(comfy.model_management.intermediate_device())}
+
+
+def transformer_block_keys(model) -> list[tuple[str, int, int]]:
+    """Return the (block, id, index) keys of every transformer block, as ComfyUI's attention patches use them."""
+    unet = model.model.diffusion_model
+    keys: list[tuple[str, int, int]] = []
+    groups = [("input", list(getattr(unet, "input_blocks", []))), ("middle", [getattr(unet, "middle_block", None)]),
+              ("output", list(getattr(unet, "output_blocks", [])))]
+    for name, blocks in groups:
+        for block_id, block in enumerate(blocks):
+            if block is None:
+                continue
+            for layer in block:
+                if isinstance(layer, comfy_attention.SpatialTransformer):
+                    keys.extend((name, block_id, i) for i in range(len(layer.transformer_blocks)))
+    return keys
+
+
+def existing_replace_patch(model_options: dict, kind: str, key: tuple):
+    """Return the replace patch ComfyUI would call for this block now (its own key first, then the 2-tuple)."""
+    registry = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    return registry.get(key, registry.get(key[:2]))
+
+
+def _gradient_safe_attention(func, *args, **kwargs):
+    # Sub-quadratic attention (ComfyUI's CPU default) was seen to give zero gradients to the text
+    # conditioning; PyTorch's fused attention backpropagates on every device.
+    return comfy_attention.attention_pytorch(*args, **kwargs)
+
+
+class Denoiser:
+    """A ModelPatcher as the kernel's denoiser: `(x, sigma, cond, transformer_options) -> denoised`."""
+
+    def __init__(self, model, gradients: bool = False) -> None:
+        """Wrap `model` (already loaded on its device); with `gradients`, attention runs a path that backpropagates."""
+        self.model = model
+        self.device = model.load_device
+        self.base_options = model.model_options.get("transformer_options", {})
+        self.wrapper = model.model_options.get("model_function_wrapper")
+        self.gradients = gradients
+        self.calls = 0
+
+    def __call__(self, x, sigma, cond, transformer_options=None):
+        """Return the model's denoised estimate for rows `x` at `sigma` under the cross-attention `cond`."""
+        options = dict(self.base_options)
+        if transformer_options:
+            options.update(transformer_options)
+        if self.gradients:
+            options["optimized_attention_override"] = _gradient_safe_attention
+        x, sigma, cond = x.to(self.device), sigma.to(self.device), cond.to(self.device)
+        roles = options.get(ROLES_KEY)
+        if roles is not None and not self.fits(x):
+            # Too little memory for all rows at once: run the unconditional rows apart from the
+            # conditional ones, which attention control needs together (B* and B in one call).
+            uncond = [i for i, r in enumerate(roles) if r == ROLE_UNCOND]
+            rest = [i for i, r in enumerate(roles) if r != ROLE_UNCOND]
+            out = torch.empty_like(x)
+            for rows in (uncond, rest):
+                if rows:
+                    part = dict(options)
+                    part[ROLES_KEY] = [roles[i] for i in rows]
+                    out[rows] = self._call(x[rows], sigma[rows], cond[rows], part).to(out.dtype)
+            return out
+        return self._call(x, sigma, cond, options)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Return whether one model call on all rows of `x` fits in the device's free memory."""
+        needed = self.model.model.memory_required(list(x.shape))
+        return needed * 1.5 < comfy.model_management.get_free_memory(self.device)
+
+    def _call(self, x, sigma, cond, options):
+        roles = options.get(ROLES_KEY)
+        if roles is not None:
+            # Tell other packs' patches which rows are unconditional, in ComfyUI's own terms.
+            options["cond_or_uncond"] = [1 if r == ROLE_UNCOND else 0 for r in roles]
+        self.calls += 1
+        if self.wrapper is not None:
+            return self.wrapper(
+                self.model.model.apply_model,
+                {"input": x, "timestep": sigma, "c": {"c_crossattn": cond, "transformer_options": options},
+                 "cond_or_uncond": options.get("cond_or_uncond", [0] * x.shape[0])},
+            )
+        return self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=options)
+
+
+def load(model) -> None:
+    """Load the model (with its weight patches applied) on its device."""
+    comfy.model_management.load_models_gpu([model])
+
+
+def make_autograd_safe(module: torch.nn.Module) -> int:
+    """Return how many inference-mode parameters/buffers were replaced by ordinary tensors of equal value.
+
+    ComfyUI builds and loads models inside `torch.inference_mode()`; such tensors cannot be saved
+    for backward, which gradients through the frozen model need. Values are unchanged.
+    """
+    replaced = 0
+    with torch.inference_mode(False):
+        for name, param in list(module.named_parameters()):
+            if param.is_inference():
+                comfy.utils.set_attr_param(module, name, param.detach().clone())
+                replaced += 1
+        for name, buf in list(module.named_buffers()):
+            if buf.is_inference():
+                comfy.utils.set_attr(module, name, buf.clone())
+                replaced += 1
+    return replaced
+
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """Enable autograd inside ComfyUI's inference-mode node execution."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+class Progress:
+    """A ComfyUI progress bar that is also a cancellation point."""
+
+    def __init__(self, total: int) -> None:
+        """Start a bar of `total` units."""
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, done: int, total: int, preview=None) -> None:
+        """Report `done` of `total`; raise if the user cancelled the run."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done, total, preview)
+
+
+def step_callback(progress: Progress) -> Callable[[int, int, torch.Tensor], None]:
+    """Return a kernel step callback that reports progress."""
+    return lambda step, total, x: progress(step, total)

@@ -1,0 +1,167 @@
+"""VCT DDIM Invert and VCT Content Null-Text Invert."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import comfy.model_management
+import torch
+from comfy_api.latest import io
+
+from .. import vct_ops
+from . import host
+from .payloads import Inversion, InversionData
+from .plots import loss_curve
+
+MAX_STEPS = 1000
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Switch off gradients for a module's parameters for the duration, restoring the flags after."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def check_matches_model(inversion: InversionData, model, node: str) -> None:
+    """Raise ValueError when the inversion was made with another model (or other weight patches)."""
+    if not isinstance(inversion, InversionData):
+        raise ValueError(f"{node}: 'inversion' must come from VCT DDIM Invert or VCT Load Inversion")
+    if inversion.model_fingerprint != host.model_fingerprint(model):
+        raise ValueError(
+            f"{node}: the {inversion.describe()} was made with another model (or the same model with other "
+            "LoRAs/patches). Connect the model that made it, or run VCT DDIM Invert again with this one."
+        )
+
+
+class VCTDDIMInvert(io.ComfyNode):
+    """Deterministic DDIM inversion of the source latent: the shared starting noise of both VCT branches."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTDDIMInvert",
+            display_name="VCT DDIM Invert",
+            category="VCT",
+            description="Runs DDIM backwards from the encoded source image to noise, keeping the whole path. "
+            "Its end is the noise both VCT branches start from. Guidance 1, like the paper.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x). LoRAs applied before this node "
+                               "must stay the same for every VCT node."),
+                io.Latent.Input("latent", tooltip="The source image encoded with VAEEncode: its structure is kept."),
+                io.Conditioning.Input("conditioning", tooltip="The source prompt. The paper uses an empty prompt "
+                                      "(CLIPTextEncode with no text)."),
+                io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="DDIM steps (50 in the paper). "
+                             "Every VCT node downstream uses the same schedule."),
+            ],
+            outputs=[
+                Inversion.Output("inversion", tooltip="The inversion path; feed it to VCT Content Null-Text Invert."),
+                io.Latent.Output("noise", tooltip="The inverted noise z*_T. KSamplerAdvanced with add_noise "
+                                 "disabled starts exactly from it."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, conditioning, steps) -> io.NodeOutput:
+        """Invert the source latent and return the inversion and its noise."""
+        node = "VCT DDIM Invert"
+        family = host.check_family(model, node)
+        vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
+        z0 = host.latent_in(model, latent, "latent")
+        cond = host.conditioning_tensor(conditioning, "conditioning")
+        host.check_conditioning_width(model, cond, "conditioning")
+        sigmas = vct_ops.ddim_sigmas(host.train_sigmas(model), steps)
+        host.load(model)
+        device = model.load_device
+        progress = host.Progress(steps)
+        trajectory = vct_ops.ddim_invert(
+            host.Denoiser(model), vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
+            cond.to(device), callback=host.step_callback(progress),
+        )
+        data = InversionData(
+            trajectory=trajectory.to(comfy.model_management.intermediate_device()),
+            sigmas=sigmas,
+            source_cond=cond.detach().float().cpu(),
+            source_latent=latent["samples"].detach().float().cpu(),
+            model_fingerprint=host.model_fingerprint(model),
+            family=family,
+        )
+        return io.NodeOutput(data, host.latent_out(model, trajectory[-1]))
+
+
+class VCTNullTextInvert(io.ComfyNode):
+    """Pivotal tuning: one null embedding per step so CFG sampling retraces the source exactly."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTNullTextInvert",
+            display_name="VCT Content Null-Text Invert",
+            category="VCT",
+            description="Optimises one unconditional embedding per DDIM step (null-text inversion) so that "
+            "sampling the inverted noise at the given CFG rebuilds the source. This is the slow step: "
+            "up to steps x inner_steps model passes with gradients.",
+            inputs=[
+                io.Model.Input("model", tooltip="The same model (and LoRAs) given to VCT DDIM Invert."),
+                Inversion.Input("inversion", tooltip="From VCT DDIM Invert (or VCT Load Inversion)."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="The CFG scale the dual-branch sampler will use (7.5 in the paper)."),
+                io.Int.Input("inner_steps", default=50, min=1, max=1000,
+                             tooltip="Most optimisation iterations per DDIM step (50 in the reference code)."),
+                io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
+                               tooltip="A step stops once its loss is below early_stop + step_index * 2e-5."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Optional start for the null embeddings. Default: the source "
+                                      "prompt's conditioning (the empty prompt in the paper)."),
+            ],
+            outputs=[
+                Inversion.Output("tuned_inversion", display_name="inversion",
+                                 tooltip="The inversion with its per-step null embeddings."),
+                io.Image.Output("loss", tooltip="Final reconstruction loss of every step (log scale)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, cfg, inner_steps, early_stop, negative=None) -> io.NodeOutput:
+        """Tune the null embeddings and return the extended inversion and a loss plot."""
+        node = "VCT Content Null-Text Invert"
+        host.check_family(model, node)
+        check_matches_model(inversion, model, node)
+        vct_ops.validate.check_steps("inner_steps", inner_steps, low=1, high=1000)
+        init = inversion.source_cond
+        if negative is not None:
+            init = host.conditioning_tensor(negative, "negative")
+            host.check_conditioning_width(model, init, "negative")
+            if init.shape[1:] != inversion.source_cond.shape[1:]:
+                raise ValueError(
+                    f"negative has {init.shape[1]} tokens but the source prompt has "
+                    f"{inversion.source_cond.shape[1]}; use prompts of the same length"
+                )
+        device = model.load_device
+        with host.training_mode():
+            host.load(model)
+            unet = model.model.diffusion_model
+            host.make_autograd_safe(unet)
+            with frozen(unet):
+                result = vct_ops.null_text_invert(
+                    host.Denoiser(model, gradients=True),
+                    inversion.trajectory.clone().to(device),
+                    inversion.sigmas.clone().to(device),
+                    inversion.source_cond.clone().to(device),
+                    init.detach().clone().float().to(device),
+                    guidance=cfg,
+                    inner_steps=inner_steps,
+                    early_stop=early_stop,
+                    progress=host.Progress(inversion.steps * inner_steps),
+                )
+        nulls = torch.stack([e.detach().float().cpu() for e in result.embeddings])
+        tuned = dataclasses.replace(inversion, null_embeddings=nulls, null_losses=result.losses, method="null_text")
+        plot = loss_curve(result.losses, "null-text loss per step")
+        return io.NodeOutput(tuned, plot)

@@ -1,0 +1,122 @@
+"""VCT Concept Embedding Learn: multi-vector textual inversion of the reference image."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import torch
+from comfy_api.latest import io
+
+from .. import vct_ops
+from . import host, storage, text
+from .invert import frozen
+from .payloads import Concept, ConceptData
+from .plots import loss_curve
+
+log = logging.getLogger("ComfyUI-VCT")
+
+
+def latent_sampler(latents: torch.Tensor):
+    """Return a kernel latent sampler that picks one reference image and mirrors it with probability 0.5."""
+
+    def sample(generator: torch.Generator) -> torch.Tensor:
+        index = int(torch.randint(0, latents.shape[0], (1,), generator=generator))
+        latent = latents[index : index + 1]
+        # The reference flips the image before encoding; a LATENT input has no image, so the latent
+        # is mirrored instead (the VAE is close to flip-equivariant).
+        return latent.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else latent
+
+    return sample
+
+
+class VCTConceptLearn(io.ComfyNode):
+    """Learns a few token vectors that stand for the reference image's object or style."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTConceptLearn",
+            display_name="VCT Concept Embedding Learn",
+            category="VCT",
+            description="Textual inversion of the reference image into num_vectors new token vectors (only they "
+            "train; the model and text encoder stay frozen). Optionally saves them as an embedding usable as "
+            "embedding:NAME in any prompt.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x model (with any LoRAs) the concept is learned for."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
+                io.Latent.Input("latent", tooltip="The reference image(s) encoded with VAEEncode (512x512 like the "
+                                "paper works best). Several images in a batch are sampled at random."),
+                io.String.Input("initializer", default="", tooltip="A word close to the concept, e.g. 'girl', 'dog' "
+                                "or 'painting'; the vectors start from its token embeddings."),
+                io.Int.Input("num_vectors", default=3, min=1, max=16, tooltip="How many token vectors stand for "
+                             "the concept (3 in the paper)."),
+                io.Int.Input("steps", default=500, min=1, max=10000, tooltip="Optimisation steps (500 in the paper; "
+                             "100-1000 is the useful range). Each step is grad_accum model passes."),
+                io.Float.Input("learning_rate", default=5e-4, min=1e-6, max=1.0, step=1e-5, round=False,
+                               tooltip="Base learning rate; it is multiplied by grad_accum, as in the reference "
+                               "code (5e-4 x 4 = 2e-3)."),
+                io.Int.Input("grad_accum", default=4, min=1, max=64, tooltip="Model passes accumulated per step, "
+                             "each with its own timestep and noise (4 in the reference)."),
+                io.Float.Input("l1_weight", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the L1 loss on the predicted clean latent (1 in the reference)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed for timesteps, noise and flips; the same seed repeats a run on the "
+                             "same device."),
+                io.String.Input("embedding_name", default="", tooltip="When set, saves the vectors as "
+                                "models/embeddings/<name>.safetensors, usable as embedding:<name>."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Allow replacing an existing embedding file "
+                                 "of that name."),
+            ],
+            outputs=[
+                io.Conditioning.Output("conditioning", tooltip="The concept prompt, for VCT Dual-Branch Sampler."),
+                Concept.Output("concept", tooltip="The learned vectors and their loss history."),
+                io.Image.Output("loss", tooltip="Training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, initializer, num_vectors, steps, learning_rate, grad_accum, l1_weight,
+                seed, embedding_name, overwrite) -> io.NodeOutput:
+        """Learn the concept vectors and return the concept conditioning, the vectors and a loss plot."""
+        node = "VCT Concept Embedding Learn"
+        host.check_family(model, node)
+        encoder = text.text_encoder(clip, node)
+        width = host.context_width(model)
+        if width is not None and encoder.width != width:
+            raise ValueError(
+                f"{node}: the CLIP encodes {encoder.width}-wide tokens but the model takes {width}; connect the "
+                "CLIP of the same checkpoint as the model"
+            )
+        if embedding_name.strip():
+            storage.check_name(embedding_name, "embedding_name")
+        init = text.initializer_vectors(encoder, initializer, num_vectors)
+        references = host.latent_in(model, latent, "latent")
+        config = vct_ops.ConceptConfig(
+            steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
+            prediction=host.prediction_type(model),
+        )
+        device = model.load_device
+        with host.training_mode():
+            comfy.model_management.load_models_gpu([model, clip.patcher])
+            unet = model.model.diffusion_model
+            host.make_autograd_safe(unet)
+            with frozen(unet), frozen(encoder.module):
+                result = vct_ops.learn_concept(
+                    host.Denoiser(model, gradients=True),
+                    text.GradientEncoder(encoder, device),
+                    # Clones: tensors made under inference mode upstream cannot be saved for backward.
+                    init.clone().to(device),
+                    latent_sampler(references.clone().to(device)),
+                    host.train_sigmas(model).clone().to(device),
+                    config,
+                    progress=host.Progress(steps),
+                )
+        vectors = result.vectors.detach().float().cpu()
+        files = {encoder.embedding_key: vectors}
+        if embedding_name.strip():
+            path = storage.save_embedding(embedding_name, files, overwrite)
+            log.info("saved concept embedding to %s", path)
+        conditioning = text.encode_concept(encoder, vectors)
+        plot = loss_curve(result.losses, "concept loss per step")
+        return io.NodeOutput(conditioning, ConceptData(files, initializer, result.losses), plot)

@@ -1,0 +1,50 @@
+"""The pack's custom types: what flows between the VCT nodes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from comfy_api.latest import io
+
+# Declared once; the README lists them.
+Inversion = io.Custom("VCT_INVERSION")
+Concept = io.Custom("VCT_CONCEPT")
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionData:
+    """A source inversion: its trajectory and schedule, where it came from, and (once tuned) its null embeddings."""
+
+    trajectory: torch.Tensor  # [steps + 1, B, C, H, W] sampler states, clean first
+    sigmas: torch.Tensor  # [steps + 1] descending
+    source_cond: torch.Tensor  # [1 or B, tokens, width]
+    source_latent: torch.Tensor  # the LATENT samples it was made from (to refuse another image on load)
+    model_fingerprint: str
+    family: str
+    null_embeddings: Optional[torch.Tensor] = None  # [steps, B, tokens, width]
+    null_losses: Optional[list] = None
+    method: str = "ddim"
+
+    @property
+    def steps(self) -> int:
+        """Return the number of sampling steps."""
+        return self.sigmas.numel() - 1
+
+    def describe(self) -> str:
+        """Return a one-line summary for error messages."""
+        return f"{self.family} inversion of a {tuple(self.source_latent.shape)} latent in {self.steps} steps"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptData:
+    """Learned concept vectors per text encoder (e.g. {'clip_l': [n, 768]}) and the loss history."""
+
+    vectors: dict
+    initializer: str
+    losses: list
+
+    @property
+    def num_vectors(self) -> int:
+        """Return how many token vectors stand for the concept."""
+        return next(iter(self.vectors.values())).shape[0]

@@ -1,0 +1,134 @@
+"""VCT Dual-Branch Sampler: content-concept fusion with attention control."""
+from __future__ import annotations
+
+import logging
+
+import comfy.ldm.modules.attention as comfy_attention
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from .. import vct_ops
+from . import host
+from .invert import check_matches_model
+from .payloads import Inversion
+
+log = logging.getLogger("ComfyUI-VCT")
+DEFAULT_CONCEPT_TOKENS = 3
+
+
+def _comfy_attention(q, k, v, heads):
+    # ComfyUI's fastest attention for this device, for every row VCT does not change.
+    return comfy_attention.optimized_attention(q, k, v, heads)
+
+
+def injection_config(source: torch.Tensor, concept: list, self_fraction: float, cross_fraction: float,
+                     concept_weight: float, concept_tokens: int) -> vct_ops.InjectionConfig:
+    """Return the injection settings: refine mapping of the empty source prompt to the concept prompt."""
+    cond = concept[0][0]
+    length = cond.shape[1]
+    if cond.shape[1:] == source.shape[1:] and torch.equal(cond.cpu().float(), source.cpu().float()):
+        count = 0  # the concept is the source prompt: every token aligns, nothing is re-weighted
+    elif concept_tokens > 0:
+        count = concept_tokens
+    else:
+        count = concept[0][1].get("vct_concept_tokens", DEFAULT_CONCEPT_TOKENS)
+    # Source: [start, end, padding...] (the paper's empty prompt); concept: [start, c1..cn, end, ...].
+    # Concept tokens get ids no real token has, so they keep their own maps.
+    mapper, alphas = vct_ops.refine_mapping([0, 1], [0] + [-1 - i for i in range(count)] + [1], length)
+    weights = vct_ops.token_weights(length, range(1, count + 1), concept_weight)
+    return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights)
+
+
+def patched_clone(model, controller: vct_ops.AttentionController):
+    """Return a clone of `model` with the controller on every transformer block, wrapping patches already there."""
+    clone = model.clone()
+    for key in host.transformer_block_keys(clone):
+        for kind in ("attn1", "attn2"):
+            previous = host.existing_replace_patch(clone.model_options, kind, key)
+            clone.set_model_patch_replace(controller.patch(kind, previous), kind, *key)
+    return clone
+
+
+class VCTDualBranchSampler(io.ComfyNode):
+    """Samples the reconstruction branch B* and the translation branch B together, B borrowing B*'s attention."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTDualBranchSampler",
+            display_name="VCT Dual-Branch Sampler",
+            category="VCT",
+            description="Runs both VCT branches from the inverted noise: B* rebuilds the source, B follows the "
+            "concept while borrowing B*'s self-attention (structure) and, early on, its cross-attention maps.",
+            inputs=[
+                io.Model.Input("model", tooltip="The same model (and LoRAs) used for the inversion."),
+                Inversion.Input("inversion", tooltip="From VCT Content Null-Text Invert (it must carry null "
+                                "embeddings)."),
+                io.Conditioning.Input("concept", tooltip="The concept prompt: from VCT Concept Embedding Learn, or "
+                                      "a CLIPTextEncode such as 'embedding:my_concept'."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="CFG scale; use the one the null-text inversion was tuned for (7.5)."),
+                io.Float.Input("self_injection", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps in which B uses B*'s self-attention maps. Higher "
+                               "keeps more of the source's structure."),
+                io.Float.Input("cross_injection", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps in which B takes B*'s cross-attention maps at the "
+                               "aligned tokens."),
+                io.Float.Input("concept_weight", default=0.5, min=0.0, max=5.0, step=0.05,
+                               tooltip="Scale of the concept tokens' cross-attention during cross_injection."),
+                io.Int.Input("concept_tokens", default=0, min=0, max=75, optional=True,
+                             tooltip="How many tokens after the start token are the concept. 0: automatic "
+                             "(known from VCT Concept Embedding Learn; 3 otherwise)."),
+            ],
+            outputs=[
+                io.Latent.Output("latent", tooltip="The translated image B; decode with VAEDecode."),
+                io.Latent.Output("reconstruction", tooltip="The reconstruction B* (should match the source)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
+                concept_tokens=0) -> io.NodeOutput:
+        """Sample both branches and return B and B*."""
+        node = "VCT Dual-Branch Sampler"
+        host.check_family(model, node)
+        check_matches_model(inversion, model, node)
+        if inversion.null_embeddings is None:
+            raise ValueError(
+                f"{node}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
+                "VCT DDIM Invert and this node"
+            )
+        cond = host.conditioning_tensor(concept, "concept")
+        host.check_conditioning_width(model, cond, "concept")
+        source = inversion.source_cond
+        if cond.shape[1:] != source.shape[1:]:
+            raise ValueError(
+                f"concept encodes to {cond.shape[1]} tokens x {cond.shape[2]} but the source prompt to "
+                f"{source.shape[1]} x {source.shape[2]}; use a concept prompt of at most 75 tokens from this "
+                "checkpoint's CLIP"
+            )
+        config = injection_config(source, concept, self_injection, cross_injection, concept_weight, concept_tokens)
+        controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
+        patched = patched_clone(model, controller)
+        host.load(patched)
+        device = patched.load_device
+        steps = inversion.steps
+        preview = latent_preview.prepare_callback(patched, steps)
+        progress = host.Progress(steps)
+
+        def on_step(step: int, total: int, x: torch.Tensor) -> None:
+            progress(step, total)
+            preview(step - 1, x, x, total)
+
+        result = vct_ops.dual_branch_sample(
+            host.Denoiser(patched), inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
+            source.to(device), cond.to(device), [e.to(device) for e in inversion.null_embeddings], guidance=cfg,
+            callback=on_step,
+        )
+        end = inversion.sigmas[-1]
+        return io.NodeOutput(
+            host.latent_out(patched, vct_ops.x_to_latent(result.main, end)),
+            host.latent_out(patched, vct_ops.x_to_latent(result.ref, end)),
+        )
