@@ -130,9 +130,8 @@ def clip_forward(text_model, embeds: torch.Tensor, attention_mask, layer_index, 
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         q, k, v = (proj(h) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        heads = attn.heads
-        split = lambda t: t.view(t.shape[0], length, heads, -1).transpose(1, 2)  # noqa: E731
-        o = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        q, k, v = (t.view(t.shape[0], length, attn.heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + attn.out_proj(o.transpose(1, 2).reshape(x.shape[0], length, -1))
         x = x + layer.mlp(layer.layer_norm2(x))
         if i == layer_index:
