@@ -18,14 +18,15 @@ MAX_STEPS = 1000
 
 @contextlib.contextmanager
 def frozen(module: torch.nn.Module):
-    """Switch off gradients for a module's parameters for the duration, restoring the flags after."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
+    """Switch off gradients for a module's parameters for the duration, restoring the flags by name after."""
+    flags = {name: p.requires_grad for name, p in module.named_parameters()}
     module.requires_grad_(False)
     try:
         yield module
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for name, p in module.named_parameters():
+            if flags.get(name) and not p.is_inference():
+                p.requires_grad_(True)
 
 
 def check_matches_model(inversion: InversionData, model, node: str) -> None:

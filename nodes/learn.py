@@ -101,6 +101,7 @@ class VCTConceptLearn(io.ComfyNode):
             comfy.model_management.load_models_gpu([model, clip.patcher])
             unet = model.model.diffusion_model
             host.make_autograd_safe(unet)
+            host.make_autograd_safe(encoder.module)
             with frozen(unet), frozen(encoder.module):
                 result = vct_ops.learn_concept(
                     host.Denoiser(model, gradients=True),

@@ -1,0 +1,440 @@
+"""Running things the way ComfyUI runs them, headless: loading a custom node pack, validating and
+executing API-format prompts with ComfyUI's own executor, and converting UI-format workflows
+(what the frontend saves) to API prompts.
+
+ComfyUI 0.3.6x signatures this relies on (checked against 0.3.64):
+- `async nodes.load_custom_node(module_path, ignore=set(), module_parent="custom_nodes") -> bool`
+  (imports the folder's `__init__.py` as a package whose module name is the folder path, then
+  registers `NODE_CLASS_MAPPINGS` (V1) or awaits `comfy_entrypoint()` -> `ComfyExtension.get_node_list()` (V3);
+  failures are logged, not raised, and give False);
+- `async execution.validate_prompt(prompt_id, prompt, partial_execution_list) -> (ok, error, outputs, node_errors)`;
+- `execution.PromptExecutor(server, cache_type=False, cache_size=None)`, sync `.execute(prompt,
+  prompt_id, extra_data, execute_outputs)` (runs `execute_async` with `asyncio.run`, everything
+  inside `torch.inference_mode()`), results in `.success`, `.status_messages`, `.history_result`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import comfy_env
+
+comfy_env.ensure_bootstrapped()
+
+import comfy.model_management  # noqa: E402
+import comfy.utils  # noqa: E402
+import execution  # noqa: E402
+import server  # noqa: E402
+from comfy_execution.utils import get_executing_context  # noqa: E402
+
+import nodes  # noqa: E402
+
+try:  # 0.3.4x+
+    from comfy_execution.progress import get_progress_state
+except ImportError:  # pragma: no cover
+    get_progress_state = None
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) loading a pack
+# ----------------------------------------------------------------------------------------------
+
+class PackLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedPack:
+    name: str                 # folder name ComfyUI sees, e.g. "ComfyUI-VCT"
+    path: Path                # the folder path given to load_custom_node (a symlink to the source)
+    module: Any               # the imported package (sys.modules[str(path)])
+    node_ids: list[str]       # node ids registered by this pack, sorted
+    log: str                  # what ComfyUI logged while loading
+
+    def node_class(self, node_id: str):
+        return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def load_pack(source: str | os.PathLike = comfy_env.REPO_ROOT, name: str = comfy_env.PACK_NAME,
+              custom_nodes_dir: str | os.PathLike | None = None, raise_on_failure: bool = True) -> LoadedPack:
+    """Load a custom node folder exactly as ComfyUI's startup does: a symlink `<custom_nodes_dir>/<name>`
+    -> `source` (default: this repository as `ComfyUI-VCT` in the session's redirected custom_nodes
+    folder), then `nodes.load_custom_node(path, ignore=<built-in node ids>, module_parent="custom_nodes")`.
+    Built-in node ids are ignored like `init_external_custom_nodes` does (a pack cannot replace
+    core nodes). Returns the node ids whose class now has
+    `RELATIVE_PYTHON_MODULE == "custom_nodes.<name>"`. Loading twice re-imports the package and
+    re-registers its nodes (fresh class objects)."""
+    source = Path(source).resolve()
+    cn_dir = Path(custom_nodes_dir) if custom_nodes_dir is not None else comfy_env.get_env().custom_nodes_dir
+    cn_dir.mkdir(parents=True, exist_ok=True)
+    link = cn_dir / name
+    if link.is_symlink() or link.exists():
+        if not (link.is_symlink() and link.resolve() == source):
+            raise PackLoadError(f"{link} exists and is not a symlink to {source}")
+    else:
+        link.symlink_to(source, target_is_directory=source.is_dir())
+
+    module_parent = "custom_nodes"
+    relative_module = f"{module_parent}.{nodes.get_module_name(str(link))}"
+    builtin = {k for k, v in nodes.NODE_CLASS_MAPPINGS.items()
+               if not str(getattr(v, "RELATIVE_PYTHON_MODULE", "") or "").startswith("custom_nodes.")}
+
+    capture = _Capture()
+    root = logging.getLogger()
+    root.addHandler(capture)
+    old_level = root.level
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    try:
+        ok = comfy_env.run_async(nodes.load_custom_node(str(link), ignore=builtin, module_parent=module_parent))
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(old_level)
+    log = "\n".join(capture.lines)
+    if not ok and raise_on_failure:
+        raise PackLoadError(f"ComfyUI could not load {link} -> {source}:\n{log}")
+    node_ids = sorted(k for k, v in nodes.NODE_CLASS_MAPPINGS.items()
+                      if getattr(v, "RELATIVE_PYTHON_MODULE", None) == relative_module)
+    module = sys.modules.get(str(link).replace(".", "_x_"))  # load_custom_node's module name for folders
+    return LoadedPack(name=name, path=link, module=module, node_ids=node_ids, log=log)
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) validating and executing API prompts
+# ----------------------------------------------------------------------------------------------
+
+class PromptValidationError(AssertionError):
+    def __init__(self, error: dict, node_errors: dict):
+        self.error, self.node_errors = error, node_errors
+        lines = [f"{error.get('message')}: {error.get('details')}"]
+        for node_id, info in node_errors.items():
+            for e in info.get("errors", []):
+                lines.append(f"  node {node_id} ({info.get('class_type')}): {e.get('message')}: {e.get('details')}")
+        super().__init__("\n".join(lines))
+
+
+class PromptExecutionError(RuntimeError):
+    def __init__(self, message: dict):
+        self.message = message
+        super().__init__(
+            f"node {message.get('node_id')} ({message.get('node_type')}) raised {message.get('exception_type')}: "
+            f"{message.get('exception_message')}\n{''.join(message.get('traceback') or [])}")
+
+
+class DummyServer:
+    """The parts of `server.PromptServer` the executor, the progress system and core nodes touch.
+    Every message is recorded in `.messages` as (event, data); ProgressBar updates in `.progress`
+    as (node_id, value, total); `send_progress_text` in `.progress_text`."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, Any]] = []
+        self.progress: list[tuple[str | None, float, float]] = []
+        self.progress_text: list[tuple[str | None, str]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.progress_text.append((node_id, text if isinstance(text, str) else bytes(text).decode(errors="replace")))
+
+    def events(self, name: str) -> list:
+        return [d for e, d in self.messages if e == name]
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    success: bool
+    outputs: dict                     # history "outputs": {node_id: ui dict}, e.g. {"9": {"images": [...]}}
+    status_messages: list             # executor's (event, data) list
+    server: DummyServer
+    executor: Any
+    interrupted: bool = False
+    error: dict | None = None         # the "execution_error" message, if any
+    validation: tuple | None = None   # validate_prompt's return value
+
+    def output_files(self, node_id: str, key: str = "images") -> list[Path]:
+        """Absolute paths of files a SaveImage-like node reported (type output/temp/input)."""
+        import folder_paths
+
+        out = []
+        for item in self.outputs.get(str(node_id), {}).get(key, []):
+            base = folder_paths.get_directory_by_type(item.get("type", "output"))
+            out.append(Path(base) / item.get("subfolder", "") / item["filename"])
+        return out
+
+
+def validate_prompt(prompt: dict, prompt_id: str | None = None, partial_execution_list=None):
+    """`execution.validate_prompt` (async in this version); returns its 4-tuple."""
+    pid = prompt_id or str(uuid.uuid4())
+    return comfy_env.run_async(execution.validate_prompt(pid, prompt, partial_execution_list))
+
+
+def run_prompt(prompt: dict, *, executor=None, extra_data: dict | None = None, prompt_id: str | None = None,
+               raise_on_error: bool = True, interrupt_at_progress: int | None = None,
+               partial_execution_list=None) -> RunResult:
+    """Validate `prompt` (API format) with `execution.validate_prompt`, raising PromptValidationError
+    with ComfyUI's per-node messages if invalid; then run it through `execution.PromptExecutor`
+    (new one, i.e. empty caches, unless `executor` is given - reuse one to test caching) with a
+    DummyServer, like main.py's prompt worker. A ProgressBar hook like main.py's is installed for
+    the run: it raises ComfyUI's InterruptProcessingException when an interrupt is pending and
+    records progress; `interrupt_at_progress=N` requests an interrupt at the N-th update (to test
+    cancellation). Node errors raise PromptExecutionError unless `raise_on_error=False`; an
+    interrupt never raises (see `.interrupted`)."""
+    prompt_id = prompt_id or str(uuid.uuid4())
+    valid = validate_prompt(prompt, prompt_id, partial_execution_list)
+    if not valid[0]:
+        raise PromptValidationError(valid[1], valid[3])
+    outputs_to_execute = valid[2]
+
+    dummy = executor.server if executor is not None else DummyServer()
+    if executor is None:
+        executor = execution.PromptExecutor(dummy, cache_type=execution.CacheType.CLASSIC)
+    extra = {"client_id": "vct-host-tests"}
+    extra.update(extra_data or {})
+    dummy.last_prompt_id = prompt_id
+    n_updates = [0]
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        if node_id is None and ctx is not None:
+            node_id = ctx.node_id
+        n_updates[0] += 1
+        if interrupt_at_progress is not None and n_updates[0] == interrupt_at_progress:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        dummy.progress.append((node_id, value, total))
+        if get_progress_state is not None and node_id is not None:
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+
+    old_hook = comfy.utils.PROGRESS_BAR_HOOK
+    had_instance = hasattr(server.PromptServer, "instance")
+    old_instance = getattr(server.PromptServer, "instance", None)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    if not had_instance:
+        server.PromptServer.instance = dummy
+    try:
+        executor.execute(prompt, prompt_id, extra, outputs_to_execute)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        comfy.model_management.interrupt_current_processing(False)
+        if not had_instance:
+            del server.PromptServer.instance
+        else:
+            server.PromptServer.instance = old_instance
+
+    status = list(executor.status_messages)
+    error = next((d for e, d in status if e == "execution_error"), None)
+    interrupted = any(e == "execution_interrupted" for e, _ in status)
+    result = RunResult(prompt_id=prompt_id, success=bool(executor.success) and not interrupted,
+                       outputs=dict(executor.history_result.get("outputs", {})), status_messages=status,
+                       server=dummy, executor=executor, interrupted=interrupted, error=error, validation=valid)
+    if error is not None and raise_on_error:
+        raise PromptExecutionError(error)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) UI workflow -> API prompt
+# ----------------------------------------------------------------------------------------------
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
+MODE_MUTED, MODE_BYPASS = 2, 4
+
+
+def node_info(class_type: str) -> dict:
+    """What the server's /object_info gives the frontend for one node: `input` and `input_order`.
+    V3 nodes (`comfy_api` io.ComfyNode): `GET_NODE_INFO_V1()` (built from `define_schema()`: inputs in
+    schema order, required/optional by `optional=`); V1 nodes: `INPUT_TYPES()` in dict order."""
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "GET_NODE_INFO_V1"):
+        return cls.GET_NODE_INFO_V1()
+    inputs = cls.INPUT_TYPES()
+    return {"input": inputs, "input_order": {k: list(v.keys()) for k, v in inputs.items()}}
+
+
+def _is_widget(spec) -> bool:
+    io_type = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if isinstance(io_type, (list, tuple)):
+        return True                                 # V1 combo: list of options
+    return io_type in WIDGET_TYPES and not opts.get("forceInput", False)
+
+
+def widget_layout(class_type: str) -> list[dict]:
+    """Widgets of a node in the order the frontend creates them, i.e. the order of `widgets_values`:
+    required then optional inputs in `input_order`, keeping only widget inputs (INT, FLOAT, STRING,
+    BOOLEAN, COMBO / V1 option lists, without `forceInput`). Each entry: name, spec, and the extra
+    frontend-only widgets that follow it in `widgets_values`: `control` (the "control after
+    generate" value after INT inputs with `control_after_generate`, or named seed/noise_seed) and
+    `upload` (the upload button value after combos with image/video/audio_upload)."""
+    info = node_info(class_type)
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {}) or {}
+        for name in info["input_order"].get(section, list(specs.keys())):
+            spec = specs[name]
+            if not _is_widget(spec):
+                continue
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            control = spec[0] == "INT" and bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
+            upload = any(opts.get(f) for f in UPLOAD_FLAGS)
+            out.append({"name": name, "spec": spec, "control": control, "upload": upload,
+                        "default": opts.get("default")})
+    return out
+
+
+def _assign_widget_values(class_type: str, values) -> dict:
+    layout = widget_layout(class_type)
+    if isinstance(values, dict):                    # some nodes save {name: value}
+        return {w["name"]: values[w["name"]] for w in layout if w["name"] in values}
+    values = list(values or [])
+    base = len(layout)
+    n_ctrl = sum(w["control"] for w in layout)
+    n_upl = sum(w["upload"] for w in layout)
+    use_ctrl, use_upl = True, True
+    for c, u in ((True, True), (True, False), (False, True), (False, False)):
+        if base + n_ctrl * c + n_upl * u == len(values):
+            use_ctrl, use_upl = c, u
+            break
+    else:
+        if len(values) < base + n_ctrl + n_upl:     # too few: older save; fill the rest with defaults
+            use_ctrl = use_upl = len(values) > base
+    out, i = {}, 0
+    for w in layout:
+        if i < len(values):
+            out[w["name"]] = values[i]
+        elif w["default"] is not None:
+            out[w["name"]] = w["default"]
+        i += 1
+        i += int(w["control"] and use_ctrl) + int(w["upload"] and use_upl)
+    return out
+
+
+def ui_to_api(workflow: dict, *, keep_bypassed: bool = False) -> dict:
+    """Convert a UI-format workflow (frontend save: "nodes" with "type", "widgets_values",
+    "inputs"[{"name", "link", "widget"?}], "mode"; "links" as [id, origin_id, origin_slot,
+    target_id, target_slot, type] or dicts) into an API prompt {id: {"class_type", "inputs", "_meta"}}.
+
+    Kept simple: widget values are matched to inputs by `widget_layout` (see there); a linked
+    input (socket, or widget converted to input) becomes [origin_id, origin_slot]; links are
+    followed through Reroute nodes and bypassed nodes (mode 4: output slot -> first input of the
+    same type, preferring the same index); a PrimitiveNode's value is inlined into the widget it
+    feeds; Note/MarkdownNote are dropped, muted nodes (mode 2) are dropped with their links.
+    Not supported: subgraphs, group nodes, frontend-only widget types (raise or drop)."""
+    if workflow.get("definitions", {}).get("subgraphs"):
+        subgraph_ids = {s.get("id") for s in workflow["definitions"]["subgraphs"]}
+    else:
+        subgraph_ids = set()
+    wf_nodes = {str(n["id"]): n for n in workflow["nodes"]}
+    links = {}
+    for link in workflow.get("links", []):
+        if isinstance(link, dict):
+            lid, o_id, o_slot = link["id"], link["origin_id"], link["origin_slot"]
+        else:
+            lid, o_id, o_slot = link[0], link[1], link[2]
+        links[lid] = (str(o_id), int(o_slot))
+
+    def resolve(link_id, depth=0):
+        """Follow a link upstream; returns ("link", (node_id, slot)), ("value", v) or None."""
+        if link_id is None or link_id not in links or depth > 64:
+            return None
+        o_id, o_slot = links[link_id]
+        src = wf_nodes.get(o_id)
+        if src is None:
+            return None
+        mode = src.get("mode", 0)
+        if src["type"] == "Reroute":
+            return resolve((src.get("inputs") or [{}])[0].get("link"), depth + 1)
+        if src["type"] == "PrimitiveNode":
+            vals = src.get("widgets_values") or []
+            return ("value", vals[0]) if vals else None
+        if mode == MODE_MUTED:
+            return None
+        if mode == MODE_BYPASS and not keep_bypassed:
+            outs = src.get("outputs") or []
+            out_type = outs[o_slot].get("type") if o_slot < len(outs) else None
+            ins = src.get("inputs") or []
+            cands = [i for i, inp in enumerate(ins) if inp.get("type") == out_type and inp.get("link") is not None]
+            if not cands:
+                return None
+            idx = o_slot if o_slot in cands else cands[0]
+            return resolve(ins[idx]["link"], depth + 1)
+        return ("link", (o_id, o_slot))
+
+    prompt = {}
+    for nid, n in wf_nodes.items():
+        ctype = n["type"]
+        if ctype in VIRTUAL_NODES or n.get("mode", 0) == MODE_MUTED:
+            continue
+        if n.get("mode", 0) == MODE_BYPASS and not keep_bypassed:
+            continue
+        if ctype in subgraph_ids:
+            raise NotImplementedError(f"node {nid}: subgraphs are not supported by ui_to_api")
+        if ctype not in nodes.NODE_CLASS_MAPPINGS:
+            raise KeyError(f"node {nid}: unknown node type {ctype!r} (pack not loaded?)")
+        inputs = _assign_widget_values(ctype, n.get("widgets_values"))
+        for inp in n.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            r = resolve(inp["link"])
+            if r is None:  # unresolvable (muted source...): a socket stays unset, a widget keeps its value
+                continue
+            kind, val = r
+            inputs[inp["name"]] = [val[0], val[1]] if kind == "link" else val
+        prompt[nid] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": n.get("title") or ctype}}
+    return prompt
+
+
+def set_inputs(prompt: dict, node: str, **values) -> list[str]:
+    """Override widget values in an API prompt, e.g. set_inputs(p, "KSampler", steps=2) or
+    set_inputs(p, "5", steps=2). `node` is a node id or a class_type (all nodes of that type);
+    returns the ids changed. Raises KeyError when nothing matches."""
+    ids = [node] if node in prompt else [k for k, v in prompt.items() if v["class_type"] == node]
+    if not ids:
+        raise KeyError(f"no node {node!r} in the prompt")
+    for k in ids:
+        prompt[k]["inputs"].update(values)
+    return ids
+
+
+def load_workflow(path: str | os.PathLike) -> dict:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def api_prompt_from_file(path: str | os.PathLike, **kwargs) -> dict:
+    """A workflow file as an API prompt: UI format is converted, API format returned as is."""
+    wf = load_workflow(path)
+    return ui_to_api(wf, **kwargs) if "nodes" in wf and isinstance(wf["nodes"], list) else wf
+
+
+__all__ = [
+    "LoadedPack", "PackLoadError", "load_pack", "PromptValidationError", "PromptExecutionError",
+    "DummyServer", "RunResult", "validate_prompt", "run_prompt", "node_info", "widget_layout",
+    "ui_to_api", "set_inputs", "load_workflow", "api_prompt_from_file",
+]

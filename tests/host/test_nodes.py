@@ -1,0 +1,330 @@
+"""The VCT nodes inside a real ComfyUI, on tiny random-weight SD1.x models built from ComfyUI's classes."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_runner
+import comfy_tiny
+
+EXPECTED_NODES = {"VCTDDIMInvert", "VCTNullTextInvert", "VCTConceptLearn", "VCTDualBranchSampler",
+                  "VCTSaveInversion", "VCTLoadInversion"}
+STEPS = 10
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+
+
+def test_pack_registers_exactly_the_documented_nodes(vct_pack):
+    assert set(vct_pack.node_ids) == EXPECTED_NODES
+
+
+def encode(clip, text):
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    return [[out.pop("cond"), out]]
+
+
+class Pack:
+    """The loaded pack's node classes and modules."""
+
+    def __init__(self, loaded):
+        import nodes as comfy_nodes
+
+        self.node = {k: comfy_nodes.NODE_CLASS_MAPPINGS[k] for k in loaded.node_ids}
+        self.vct_ops = loaded.module.vct_ops
+        self.host = loaded.module.nodes.host
+        self.text = loaded.module.nodes.text
+
+    def run(self, node_id, *args, **kwargs):
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes
+            return self.node[node_id].execute(*args, **kwargs).args
+
+
+@pytest.fixture(scope="module")
+def pack(vct_pack):
+    return Pack(vct_pack)
+
+
+@pytest.fixture(scope="module")
+def setup(pack, comfy_session):
+    model = comfy_tiny.tiny_sd15_model(seed=0)
+    clip = comfy_tiny.tiny_sd1_clip(str(comfy_session.folder("embeddings")))
+    source, negative = encode(clip, ""), encode(clip, "a photo of a cat")
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    inversion, noise = pack.run("VCTDDIMInvert", model, latent, source, STEPS)
+    tuned, loss_image = pack.run("VCTNullTextInvert", model, inversion, 7.5, 50, 1e-5, negative=negative)
+    return dict(model=model, clip=clip, source=source, negative=negative, latent=latent, inversion=inversion,
+                noise=noise, tuned=tuned, loss_image=loss_image)
+
+
+def test_node_inversion_equals_the_kernel_on_the_same_model(pack, setup):
+    model, latent, vct = setup["model"], setup["latent"], pack.vct_ops
+    sigmas = vct.ddim_sigmas(model.get_model_object("model_sampling").sigmas.float(), STEPS)
+    z0 = model.model.process_latent_in(latent["samples"])
+
+    def denoise(x, sigma, cond, options=None):
+        return model.model.apply_model(x, sigma, c_crossattn=cond)
+
+    with torch.inference_mode():
+        expected = vct.ddim_invert(denoise, vct.latent_to_x(z0, sigmas[-1]), sigmas, setup["source"][0][0])
+    torch.testing.assert_close(setup["inversion"].trajectory, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(setup["noise"]["samples"], model.model.process_latent_out(expected[-1]))
+
+
+def test_null_text_reconstruction_far_better_than_plain_through_the_sampler(pack, setup):
+    model, inversion, tuned, z0 = setup["model"], setup["inversion"], setup["tuned"], setup["latent"]["samples"]
+    # Plain: CFG 7.5 with the untuned initial null embedding at every step.
+    plain = dataclasses.replace(inversion, null_embeddings=setup["negative"][0][0][None].repeat(STEPS, 1, 1, 1))
+    plain_mse = float(((pack.run("VCTDualBranchSampler", model, plain, setup["source"], 7.5, 0.9, 0.2, 0.5)[1]
+                        ["samples"] - z0) ** 2).mean())
+    tuned_mse = float(((pack.run("VCTDualBranchSampler", model, tuned, setup["source"], 7.5, 0.9, 0.2, 0.5)[1]
+                        ["samples"] - z0) ** 2).mean())
+    print(f"reconstruction MSE through the nodes at CFG 7.5: plain {plain_mse:.4g}, null-text {tuned_mse:.4g}")
+    assert tuned_mse * 10 < plain_mse
+    assert setup["loss_image"].shape[0] == 1 and setup["loss_image"].shape[-1] == 3
+
+
+def test_concept_equal_to_source_gives_the_reconstruction(pack, setup):
+    latent, reconstruction = pack.run("VCTDualBranchSampler", setup["model"], setup["tuned"], setup["source"],
+                                      7.5, 0.9, 0.2, 0.5)
+    torch.testing.assert_close(latent["samples"], reconstruction["samples"], rtol=1e-5, atol=1e-5)
+
+
+def snapshot(model):
+    """Return what a model's options hold: option keys and every registered replace patch."""
+    options = model.model_options
+    replace = options.get("transformer_options", {}).get("patches_replace", {})
+    return (sorted(options), sorted(options.get("transformer_options", {})),
+            sorted((kind, key, id(fn)) for kind, patches in replace.items() for key, fn in patches.items()))
+
+
+def recording_patches(model, pack, log, kind="attn1"):
+    """Register, on `model` (a clone), a plain-attention replace patch per block that logs what it saw."""
+    host = pack.host
+
+    def make(key):
+        def patch(q, k, v, extra):
+            roles = extra.get(pack.vct_ops.ROLES_KEY)
+            if roles is not None:
+                entry = {"key": key, "roles": list(roles), "sigma": float(extra["sigmas"].max())}
+                if "ref" in roles and "main" in roles:
+                    ref, main = roles.index("ref"), roles.index("main")
+                    entry["borrowed"] = torch.equal(q[main], q[ref]) and torch.equal(k[main], k[ref])
+                log.append(entry)
+            return pack.vct_ops.sdpa_attention(q, k, v, extra["n_heads"])
+        return patch
+
+    for key in host.transformer_block_keys(model):
+        model.set_model_patch_replace(make(key), kind, *key)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "split-for-memory"])
+def test_translation_uses_reconstruction_self_attention_exactly_where_injected(pack, setup, split, monkeypatch):
+    import comfy.model_management
+
+    if split:
+        def no_memory(dev=None, torch_free_too=False):
+            return (1, 1) if torch_free_too else 1
+
+        monkeypatch.setattr(comfy.model_management, "get_free_memory", no_memory)
+    model = setup["model"].clone()
+    log = []
+    recording_patches(model, pack, log)
+    options_before = snapshot(model)
+    weights_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    pack.run("VCTDualBranchSampler", model, setup["tuned"], setup["negative"], 7.5, 0.6, 0.2, 0.5)
+
+    sigmas = setup["tuned"].sigmas
+    injected_steps = int(0.6 * STEPS)
+    small = {("input", 3, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)}  # 16 queries <= 64 / 4
+    checked = 0
+    for entry in log:
+        if "borrowed" not in entry:
+            continue
+        step = int(torch.argmin((sigmas[:-1] - entry["sigma"]).abs()))
+        if step == 0 and entry["key"] == ("input", 1, 0):
+            continue  # both branches see identical inputs in the first block of the first step
+        expected = step < injected_steps and entry["key"] in small
+        assert entry["borrowed"] == expected, entry
+        checked += 1
+    assert checked >= (STEPS - 1) * 7 - 1
+    uncond_only = [e for e in log if set(e["roles"]) == {"uncond"}]
+    assert bool(uncond_only) == split, "the batch must be split only when memory is short"
+    # The model given to the sampler is unchanged: same options (our patches went on a clone), same weights.
+    assert snapshot(model) == options_before
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, weights_before[k]), k
+
+
+def test_an_existing_attn2_replace_patch_is_still_called(pack, setup):
+    calls = []
+
+    def adapter(q, k, v, extra):  # stands for an IP-Adapter: text attention plus its own term
+        calls.append(extra.get("cond_or_uncond"))
+        return pack.vct_ops.sdpa_attention(q, k, v, extra["n_heads"]) + 0.05
+
+    model = setup["model"].clone()
+    model.set_model_attn2_replace(adapter, "input", 1, 0)
+    with_adapter = pack.run("VCTDualBranchSampler", model, setup["tuned"], setup["negative"], 7.5, 0.9, 0.2, 0.5)
+    without = pack.run("VCTDualBranchSampler", setup["model"], setup["tuned"], setup["negative"], 7.5, 0.9, 0.2, 0.5)
+    assert len(calls) == STEPS - 1, "called once per model call"
+    assert calls[0] == [1, 1, 0, 0], "it is told which rows are unconditional"
+    assert not torch.allclose(with_adapter[0]["samples"], without[0]["samples"])
+
+
+def test_gradients_reach_null_embeddings_and_concept_vectors_on_models_built_in_inference_mode(pack, setup):
+    host, text = pack.host, pack.text
+    with torch.inference_mode():  # as CheckpointLoaderSimple builds them
+        model = comfy_tiny.tiny_sd15_model(seed=3)
+        clip = comfy_tiny.tiny_sd1_clip(seed=4)
+    x = torch.randn(1, 4, 8, 8)
+    sigma = torch.tensor([2.0])
+    with host.training_mode():
+        host.load(model)
+        host.make_autograd_safe(model.model.diffusion_model)
+        denoise = host.Denoiser(model, gradients=True)
+        phi = setup["source"][0][0].clone().requires_grad_(True)
+        denoise(x, sigma, phi).square().mean().backward()
+        assert phi.grad is not None and float(phi.grad.abs().sum()) > 0
+
+        encoder = text.text_encoder(clip, "test")
+        vectors = text.initializer_vectors(encoder, "dog", 3).requires_grad_(True)
+        gradient_cond = text.GradientEncoder(encoder, model.load_device)(vectors)
+        denoise(x, sigma, gradient_cond).square().mean().backward()
+        assert vectors.grad is not None and float(vectors.grad.abs().sum()) > 0
+    with torch.inference_mode():
+        regular = text.encode_concept(encoder, vectors.detach())[0][0]
+    torch.testing.assert_close(gradient_cond.detach(), regular, rtol=1e-4, atol=1e-4)
+
+
+def test_saved_concept_loads_through_a_plain_embedding_prompt(pack, setup, comfy_session):
+    clip, model = setup["clip"], setup["model"]
+    reference = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    path = comfy_session.folder("embeddings") / "vct_test_concept.safetensors"
+    try:
+        cond, concept, plot = pack.run("VCTConceptLearn", model, clip, reference, "dog", 3, 4, 5e-4, 2, 1.0, 0,
+                                       "vct_test_concept", False)
+        assert path.is_file() and concept.num_vectors == 3 and len(concept.losses) == 4
+        with torch.inference_mode():
+            again = encode(clip, "embedding:vct_test_concept")
+        torch.testing.assert_close(again[0][0], cond[0][0])
+        with pytest.raises(ValueError, match="already exists"):
+            pack.run("VCTConceptLearn", model, clip, reference, "dog", 3, 1, 5e-4, 1, 1.0, 0, "vct_test_concept",
+                     False)
+        pack.run("VCTConceptLearn", model, clip, reference, "dog", 3, 1, 5e-4, 1, 1.0, 0, "vct_test_concept", True)
+        seeded = [pack.run("VCTConceptLearn", model, clip, reference, "dog", 3, 3, 5e-4, 2, 1.0, 5, "", False)[1]
+                  for _ in range(2)]
+        assert torch.equal(seeded[0].vectors["clip_l"], seeded[1].vectors["clip_l"]), "seeded runs repeat"
+    finally:
+        path.unlink(missing_ok=True)
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "no temporary files left behind"
+
+
+def test_saved_inversion_loads_back_and_refuses_another_model_or_image(pack, setup):
+    import folder_paths
+
+    model, tuned, latent = setup["model"], setup["tuned"], setup["latent"]
+    pack.run("VCTSaveInversion", tuned, "vct_test")
+    folder = Path(folder_paths.get_output_directory()) / "vct_inversions"
+    files = sorted(folder.glob("vct_test_*.safetensors"))
+    try:
+        assert files
+        (loaded,) = pack.run("VCTLoadInversion", model, latent, files[-1].name)
+        torch.testing.assert_close(loaded.trajectory, tuned.trajectory)
+        torch.testing.assert_close(loaded.null_embeddings, tuned.null_embeddings)
+        with pytest.raises(ValueError, match="another model"):
+            pack.run("VCTLoadInversion", comfy_tiny.tiny_sd15_model(seed=7), latent, files[-1].name)
+        with pytest.raises(ValueError, match="latent"):
+            pack.run("VCTLoadInversion", model, {"samples": torch.zeros(1, 4, 16, 16)}, files[-1].name)
+        with pytest.raises(ValueError, match="another source image"):
+            pack.run("VCTLoadInversion", model, {"samples": torch.zeros(1, 4, 8, 8)}, files[-1].name)
+    finally:
+        for f in files:
+            f.unlink()
+
+
+def test_bad_inputs_get_clear_errors(pack, setup):
+    model, clip, tuned = setup["model"], setup["clip"], setup["tuned"]
+    with pytest.raises(ValueError, match="steps"):
+        pack.run("VCTDDIMInvert", model, setup["latent"], setup["source"], 0)
+    with pytest.raises(ValueError, match="another model"):
+        pack.run("VCTNullTextInvert", comfy_tiny.tiny_sd15_model(seed=5), tuned, 7.5, 2, 1e-5)
+    with pytest.raises(ValueError, match="initializer"):
+        pack.run("VCTConceptLearn", model, clip, setup["latent"], "  ", 3, 2, 5e-4, 1, 1.0, 0, "", False)
+    with pytest.raises(ValueError, match="plain file name"):
+        pack.run("VCTConceptLearn", model, clip, setup["latent"], "dog", 3, 2, 5e-4, 1, 1.0, 0, "../evil", False)
+    narrow = [[torch.zeros(1, 77, 32), {}]]
+    with pytest.raises(ValueError, match="another model's text encoder"):
+        pack.run("VCTDualBranchSampler", model, tuned, narrow, 7.5, 0.9, 0.2, 0.5)
+    with pytest.raises(ValueError, match="Null-Text"):
+        pack.run("VCTDualBranchSampler", model, setup["inversion"], setup["negative"], 7.5, 0.9, 0.2, 0.5)
+    with pytest.raises(ValueError, match="channels"):
+        pack.run("VCTDDIMInvert", model, {"samples": torch.zeros(1, 16, 8, 8)}, setup["source"], 5)
+    nan = {"samples": torch.full((1, 4, 8, 8), float("nan"))}
+    with pytest.raises(ValueError, match="NaN"):
+        pack.run("VCTDDIMInvert", model, nan, setup["source"], 5)
+
+
+def test_another_model_family_is_refused_by_name(pack, setup):
+    import comfy.supported_models
+
+    other = setup["model"].clone()
+    config = comfy.supported_models.SD20(comfy_tiny.tiny_sd15_unet_config())
+    original = other.model.model_config
+    try:
+        other.model.model_config = config
+        with pytest.raises(ValueError, match="SD20 model.*SD15"):
+            pack.run("VCTDDIMInvert", other, setup["latent"], setup["source"], 5)
+    finally:
+        other.model.model_config = original
+
+
+def small_workflow(path: Path, embedding_name: str = "") -> dict:
+    prompt = comfy_runner.api_prompt_from_file(path)
+    comfy_runner.set_inputs(prompt, "ImageScale", width=32, height=32)
+    comfy_runner.set_inputs(prompt, "VCTDDIMInvert", steps=4)
+    comfy_runner.set_inputs(prompt, "VCTNullTextInvert", inner_steps=3)
+    comfy_runner.set_inputs(prompt, "VCTConceptLearn", steps=3, grad_accum=2, embedding_name=embedding_name)
+    return prompt
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_shipped_workflow_validates_and_runs_to_a_saved_image(workflow, vct_pack, tiny_checkpoint, input_image):
+    prompt = small_workflow(workflow)
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            tiny_checkpoint.add(node["inputs"]["ckpt_name"])
+        if node["class_type"] == "LoadImage":
+            input_image(node["inputs"]["image"], width=40, height=48)
+    result = comfy_runner.run_prompt(prompt)
+    assert result.success
+    saved = [p for nid, n in prompt.items() if n["class_type"] == "SaveImage" for p in result.output_files(nid)]
+    assert saved and all(p.is_file() and p.suffix == ".png" for p in saved)
+
+
+def test_interrupting_concept_learning_leaves_no_file_and_a_usable_model(vct_pack, tiny_checkpoint, input_image,
+                                                                        comfy_session):
+    name = tiny_checkpoint.name
+    input_image("reference.png")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "reference.png"}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "VCTConceptLearn", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "latent": ["3", 0], "initializer": "dog", "num_vectors": 2,
+            "steps": 40, "learning_rate": 5e-4, "grad_accum": 1, "l1_weight": 1.0, "seed": 0,
+            "embedding_name": "vct_interrupted", "overwrite": False}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
+    }
+    folder = comfy_session.folder("embeddings")
+    before = set(folder.iterdir())
+    result = comfy_runner.run_prompt(prompt, interrupt_at_progress=5)
+    assert result.interrupted and not result.success
+    assert set(folder.iterdir()) == before, "an interrupted run writes nothing"
+    prompt["4"]["inputs"]["steps"] = 2
+    again = comfy_runner.run_prompt(prompt)
+    try:
+        assert again.success and (folder / "vct_interrupted.safetensors").is_file()
+    finally:
+        (folder / "vct_interrupted.safetensors").unlink(missing_ok=True)
