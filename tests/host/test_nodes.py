@@ -4,11 +4,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import pytest
-import torch
-
 import comfy_runner
 import comfy_tiny
+import pytest
+import torch
 
 EXPECTED_NODES = {"VCTDDIMInvert", "VCTNullTextInvert", "VCTConceptLearn", "VCTDualBranchSampler",
                   "VCTSaveInversion", "VCTLoadInversion"}
