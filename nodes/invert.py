@@ -118,6 +118,11 @@ class VCTNullTextInvert(io.ComfyNode):
                              tooltip="Most optimisation iterations per DDIM step (50 in the reference code)."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
                                tooltip="A step stops once its loss is below early_stop + step_index * 2e-5."),
+                io.Combo.Input("method", options=list(vct_ops.CONTENT_METHODS), default="null_text",
+                               tooltip="null_text: the paper's per-step optimisation (slow, exact at cfg). "
+                               "negative_prompt: the source prompt as the null embedding (no optimisation). "
+                               "direct: the sampler puts B* back on the inversion path every step (no "
+                               "optimisation, exact B*)."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Optional start for the null embeddings. Default: the source "
                                       "prompt's conditioning (the empty prompt in the paper)."),
@@ -130,8 +135,9 @@ class VCTNullTextInvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, cfg, inner_steps, early_stop, negative=None) -> io.NodeOutput:
-        """Tune the null embeddings and return the extended inversion and a loss plot."""
+    def execute(cls, model, inversion, cfg, inner_steps, early_stop, method="null_text", negative=None
+                ) -> io.NodeOutput:
+        """Compute the null embeddings with the chosen method; return the extended inversion and a loss plot."""
         node = "VCT Content Null-Text Invert"
         host.check_family(model, node)
         check_matches_model(inversion, model, node)
@@ -145,6 +151,16 @@ class VCTNullTextInvert(io.ComfyNode):
                     f"negative has {init.shape[1]} tokens but the source prompt has "
                     f"{inversion.source_cond.shape[1]}; use prompts of the same length"
                 )
+        if method not in vct_ops.CONTENT_METHODS:
+            raise ValueError(f"method must be one of {', '.join(vct_ops.CONTENT_METHODS)}, got {method!r}")
+        if method != "null_text":
+            # No optimisation: negative_prompt uses the source prompt itself as the null embedding;
+            # direct keeps the ordinary negative and corrects B* in the sampler instead.
+            start = inversion.source_cond if method == "negative_prompt" else init
+            result = vct_ops.fixed_null_embeddings(start.detach().float(), inversion.steps)
+            nulls = torch.stack([e.cpu() for e in result.embeddings])
+            tuned = dataclasses.replace(inversion, null_embeddings=nulls, null_losses=[], method=method)
+            return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
         device = model.load_device
         with host.training_mode():
             host.load(model)

@@ -126,6 +126,7 @@ class VCTDualBranchSampler(io.ComfyNode):
             host.Denoiser(patched), inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
             source.to(device), cond.to(device), [e.to(device) for e in inversion.null_embeddings], guidance=cfg,
             callback=on_step,
+            ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
         )
         end = inversion.sigmas[-1]
         return io.NodeOutput(

@@ -138,3 +138,33 @@ def test_bad_inputs_raise(setting):
         vct_ops.dual_branch_sample(denoise, x_T * float("nan"), sigmas, c_src, c_concept, nulls)
     with pytest.raises(ValueError, match="token length"):
         vct_ops.dual_branch_sample(denoise, x_T, sigmas, c_src, c_concept[:, :16], nulls)
+
+
+def test_direct_inversion_keeps_the_reconstruction_on_the_trajectory(setting):
+    denoise, sigmas, x_T, c_src, c_concept, _ = setting
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    x0 = vct_ops.latent_to_x(z0, sigmas[-1])
+    trajectory = vct_ops.ddim_invert(denoise, x0, sigmas, c_src)
+    plain = vct_ops.fixed_null_embeddings(torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(5)), STEPS)
+    options = patched(vct_ops.AttentionController(sigmas, vct_ops.InjectionConfig()))
+    out = vct_ops.dual_branch_sample(denoise, trajectory[-1], sigmas, c_src, c_concept, plain.embeddings, 7.5,
+                                     options, ref_trajectory=trajectory)
+    assert torch.equal(out.ref, trajectory[0]), "B* ends exactly on the source"
+    free = vct_ops.dual_branch_sample(denoise, trajectory[-1], sigmas, c_src, c_concept, plain.embeddings, 7.5,
+                                      options)
+    assert float(((free.ref - x0) ** 2).mean()) > 1.0, "without the correction B* drifts at CFG 7.5"
+    assert not torch.allclose(out.main, free.main), "B follows B*'s corrected path through the shared attention"
+    with pytest.raises(ValueError, match="ref_trajectory"):
+        vct_ops.dual_branch_sample(denoise, trajectory[-1], sigmas, c_src, c_concept, plain.embeddings,
+                                   ref_trajectory=trajectory[1:])
+
+
+def test_negative_prompt_inversion_reduces_cfg_to_the_inverted_prediction(setting):
+    denoise, sigmas, _, c_src, c_concept, _ = in_float64(setting)
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    trajectory = vct_ops.ddim_invert(denoise, vct_ops.latent_to_x(z0, sigmas[-1]), sigmas, c_src)
+    nulls = vct_ops.fixed_null_embeddings(c_src, STEPS)
+    assert nulls.iterations == [0] * STEPS and len(nulls.embeddings) == STEPS
+    out = vct_ops.dual_branch_sample(denoise, trajectory[-1], sigmas, c_src, c_concept, nulls.embeddings, 7.5)
+    guidance_one = vct_ops.ddim_sample(denoise, trajectory[-1], sigmas, c_src)
+    torch.testing.assert_close(out.ref, guidance_one, rtol=1e-9, atol=1e-9)

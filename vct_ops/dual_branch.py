@@ -36,11 +36,14 @@ def dual_branch_sample(
     guidance: float = 7.5,
     transformer_options: Optional[dict] = None,
     callback: Optional[StepCallback] = None,
+    ref_trajectory: Optional[torch.Tensor] = None,
 ) -> DualBranchResult:
     """Return B and B* after sampling both from `x_T` with CFG, one four-row model call per step.
 
     Rows are `[uncond B*, uncond B, cond B*, cond B]`; `transformer_options` (e.g. attention
     patches) is passed through with the row roles, the current sigma and the schedule added.
+    With `ref_trajectory` (the inversion trajectory, clean first), B* is put back on it after
+    every step: Direct Inversion (Ju et al., ICLR 2024), an exact B* with no optimisation.
     """
     check_latent("x_T", x_T)
     check_sigmas("sigmas", sigmas)
@@ -49,6 +52,11 @@ def dual_branch_sample(
         raise ValueError(
             f"null_embeddings holds {len(null_embeddings)} per-step embeddings but the schedule has {steps} "
             "steps; run the content inversion with the same number of steps"
+        )
+    if ref_trajectory is not None and tuple(ref_trajectory.shape) != (steps + 1, *x_T.shape):
+        raise ValueError(
+            f"ref_trajectory has shape {tuple(ref_trajectory.shape)} but a {steps}-step run from x_T needs "
+            f"{(steps + 1, *x_T.shape)}; use the trajectory of the same inversion"
         )
     rows = x_T.shape[0]
     source_cond = _match_batch(source_cond, rows)
@@ -73,6 +81,9 @@ def dual_branch_sample(
                 u_ref, u_main, c_ref, c_main = den.chunk(4)
                 x_ref = ddim_step(x_ref, sigma, sigma_next, cfg(u_ref, c_ref, guidance))
                 x_main = ddim_step(x_main, sigma, sigma_next, cfg(u_main, c_main, guidance))
+            if ref_trajectory is not None:
+                # Adding (target - x_ref) lands B* on the trajectory exactly; B keeps its own path.
+                x_ref = ref_trajectory[steps - i - 1].to(x_ref)
             if callback is not None:
                 callback(i + 1, steps, x_main)
     return DualBranchResult(main=x_main, ref=x_ref)

@@ -122,3 +122,18 @@ def null_text_invert(
                 den_u = denoise(x, sig, phi, None)
                 x = ddim_step(x, sigma, sigma_next, cfg(den_u, den_cond, guidance))
     return NullTextResult(embeddings=embeddings, losses=losses, iterations=iterations)
+
+
+CONTENT_METHODS = ("null_text", "negative_prompt", "direct")
+
+
+def fixed_null_embeddings(uncond: Cond, steps: int) -> NullTextResult:
+    """Return one unchanged null embedding per step, with no optimisation.
+
+    For `negative_prompt` inversion (Miyake et al. 2023) `uncond` is the source conditioning
+    itself, so CFG reduces to the conditional prediction that the inversion followed; for
+    `direct` inversion it is the sampler's ordinary negative and B* is corrected instead.
+    """
+    check_steps("steps", steps, low=1)
+    fixed = cond_detach(uncond)
+    return NullTextResult(embeddings=[fixed] * steps, losses=[], iterations=[0] * steps)

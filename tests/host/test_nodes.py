@@ -327,3 +327,33 @@ def test_interrupting_concept_learning_leaves_no_file_and_a_usable_model(vct_pac
         assert again.success and (folder / "vct_interrupted.safetensors").is_file()
     finally:
         (folder / "vct_interrupted.safetensors").unlink(missing_ok=True)
+
+
+def test_content_inversion_methods_costs_and_errors(pack, setup):
+    model, inversion, z0 = setup["model"], setup["inversion"], setup["latent"]["samples"]
+    figures = {}
+    for method in ("null_text", "negative_prompt", "direct"):
+        counted = model.clone()
+        calls = []
+
+        def wrapper(apply_model, args, calls=calls):
+            calls.append((args["input"].shape[0], torch.is_grad_enabled()))
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        counted.set_model_unet_function_wrapper(wrapper)
+        tuned, _ = pack.run("VCTNullTextInvert", counted, inversion, 7.5, 50, 1e-5, method=method,
+                            negative=setup["negative"])
+        latent, reconstruction = pack.run("VCTDualBranchSampler", model, tuned, setup["negative"], 7.5, 0.9, 0.2,
+                                          0.5)
+        figures[method] = (
+            sum(1 for _, grad in calls if not grad), sum(1 for _, grad in calls if grad),
+            float(((reconstruction["samples"] - z0) ** 2).mean()),
+            float(((latent["samples"] - reconstruction["samples"]) ** 2).mean()),
+        )
+    for method, (fwd, fwd_bwd, recon, distance) in figures.items():
+        print(f"{method}: inversion-node model calls {fwd} forward + {fwd_bwd} forward+backward, "
+              f"B* MSE {recon:.4g}, B-B* MSE {distance:.4g}")
+    assert figures["null_text"][1] > 0
+    assert figures["negative_prompt"][:2] == (0, 0) and figures["direct"][:2] == (0, 0)
+    assert figures["direct"][2] < 1e-8, "direct inversion rebuilds the source exactly"
+    assert figures["null_text"][2] < figures["negative_prompt"][2]
