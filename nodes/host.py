@@ -22,8 +22,13 @@ from ..vct_ops.validate import check_latent
 
 log = logging.getLogger("ComfyUI-VCT")
 
-# Model families the nodes accept, by ComfyUI model-config class.
-SUPPORTED_FAMILIES = {"SD15": comfy.supported_models.SD15}
+# Model families the nodes accept, by exact ComfyUI model-config class (variants such as unCLIP,
+# refiners or distilled SDXLs condition differently and are refused by name).
+SUPPORTED_FAMILIES = {
+    "SD15": comfy.supported_models.SD15,
+    "SD20": comfy.supported_models.SD20,
+    "SDXL": comfy.supported_models.SDXL,
+}
 
 
 def family_name(model) -> str:
@@ -37,7 +42,7 @@ def check_family(model, node: str) -> str:
     if type(model.model.model_config) not in SUPPORTED_FAMILIES.values():
         raise ValueError(
             f"{node}: the connected model is a {name} model; VCT supports {', '.join(SUPPORTED_FAMILIES)} "
-            "checkpoints. Load a Stable Diffusion 1.x checkpoint with CheckpointLoaderSimple."
+            "(Stable Diffusion 1.x, 2.x and SDXL base) checkpoints. Load one with CheckpointLoaderSimple."
         )
     return name
 
@@ -73,8 +78,13 @@ def prediction_type(model) -> str:
     raise ValueError(f"VCT supports eps- and v-prediction models; this model predicts {kind.name}")
 
 
-def conditioning_tensor(conditioning, name: str) -> torch.Tensor:
-    """Return the cross-attention tensor of a CONDITIONING input, checking it has exactly one entry."""
+def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = "positive", detach: bool = True
+               ) -> dict:
+    """Return what the model takes for one CONDITIONING: `c_crossattn`, plus `y` for SDXL.
+
+    Built with the model's own `extra_conds`, as ComfyUI's samplers do (pooled output and size
+    conditioning included), so every family is conditioned exactly as in a KSampler.
+    """
     if not isinstance(conditioning, list) or len(conditioning) == 0:
         raise ValueError(f"{name} is empty; connect a CLIPTextEncode (an empty prompt is the paper's choice)")
     if len(conditioning) > 1:
@@ -82,10 +92,26 @@ def conditioning_tensor(conditioning, name: str) -> torch.Tensor:
             f"{name} holds {len(conditioning)} combined conditionings; VCT needs a single prompt "
             "(remove ConditioningCombine/Concat before this node)"
         )
-    tensor = conditioning[0][0]
-    if tensor.dim() != 3:
-        raise ValueError(f"{name} must be a [batch, tokens, width] text conditioning, got {tuple(tensor.shape)}")
-    return tensor
+    tensor, extra = conditioning[0][0], conditioning[0][1]
+    if not torch.is_tensor(tensor) or tensor.dim() != 3:
+        raise ValueError(f"{name} must be a [batch, tokens, width] text conditioning")
+    check_conditioning_width(model, tensor, name)
+    params = dict(extra)
+    params.update(cross_attn=tensor, device=tensor.device, noise=torch.zeros(latent_shape))
+    params.setdefault("width", latent_shape[-1] * 8)
+    params.setdefault("height", latent_shape[-2] * 8)
+    params.setdefault("prompt_type", prompt_type)
+    if model.model.adm_channels and params.get("pooled_output") is None:
+        raise ValueError(
+            f"{name} has no pooled output, which this {family_name(model)} model needs; use CLIPTextEncode"
+        )
+    out = model.model.extra_conds(**params)
+    unsupported = sorted(set(out) - {"c_crossattn", "y"})
+    if unsupported:
+        raise ValueError(f"{name}: VCT does not support conditioning with {', '.join(unsupported)} (e.g. inpainting)")
+    if not detach:  # gradients flow through (concept learning)
+        return {key: value.cond.float() for key, value in out.items()}
+    return {key: value.cond.detach().float().cpu() for key, value in out.items()}
 
 
 def context_width(model) -> Optional[int]:
@@ -152,7 +178,10 @@ def _gradient_safe_attention(func, *args, **kwargs):
 
 
 class Denoiser:
-    """A ModelPatcher as the kernel's denoiser: `(x, sigma, cond, transformer_options) -> denoised`."""
+    """A ModelPatcher as the kernel's denoiser: `(x, sigma, cond, transformer_options) -> denoised`.
+
+    `cond` is the dict `model_cond` returns (`c_crossattn`, and `y` for SDXL).
+    """
 
     def __init__(self, model, gradients: bool = False) -> None:
         """Wrap `model` (already loaded on its device); with `gradients`, attention runs a path that backpropagates."""
@@ -164,13 +193,14 @@ class Denoiser:
         self.calls = 0
 
     def __call__(self, x, sigma, cond, transformer_options=None):
-        """Return the model's denoised estimate for rows `x` at `sigma` under the cross-attention `cond`."""
+        """Return the model's denoised estimate for rows `x` at `sigma` under the conditioning dict `cond`."""
         options = dict(self.base_options)
         if transformer_options:
             options.update(transformer_options)
         if self.gradients:
             options["optimized_attention_override"] = _gradient_safe_attention
-        x, sigma, cond = x.to(self.device), sigma.to(self.device), cond.to(self.device)
+        x, sigma = x.to(self.device), sigma.to(self.device)
+        cond = {key: value.to(self.device) for key, value in cond.items()}
         roles = options.get(ROLES_KEY)
         if roles is not None and not self.fits(x):
             # Too little memory for all rows at once: run the unconditional rows apart from the
@@ -182,7 +212,8 @@ class Denoiser:
                 if rows:
                     part = dict(options)
                     part[ROLES_KEY] = [roles[i] for i in rows]
-                    out[rows] = self._call(x[rows], sigma[rows], cond[rows], part).to(out.dtype)
+                    part_cond = {key: value[rows] for key, value in cond.items()}
+                    out[rows] = self._call(x[rows], sigma[rows], part_cond, part).to(out.dtype)
             return out
         return self._call(x, sigma, cond, options)
 
@@ -200,10 +231,10 @@ class Denoiser:
         if self.wrapper is not None:
             return self.wrapper(
                 self.model.model.apply_model,
-                {"input": x, "timestep": sigma, "c": {"c_crossattn": cond, "transformer_options": options},
+                {"input": x, "timestep": sigma, "c": {**cond, "transformer_options": options},
                  "cond_or_uncond": options.get("cond_or_uncond", [0] * x.shape[0])},
             )
-        return self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=options)
+        return self.model.model.apply_model(x, sigma, transformer_options=options, **cond)
 
 
 def load(model) -> None:

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from .. import vct_ops
 from . import host
-from .payloads import Inversion, InversionData
+from .payloads import Inversion, InversionData, stack_steps
 from .plots import loss_curve
 
 MAX_STEPS = 1000
@@ -53,8 +53,8 @@ class VCTDDIMInvert(io.ComfyNode):
             description="Runs DDIM backwards from the encoded source image to noise, keeping the whole path. "
             "Its end is the noise both VCT branches start from. Guidance 1, like the paper.",
             inputs=[
-                io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x). LoRAs applied before this node "
-                               "must stay the same for every VCT node."),
+                io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x or SDXL). LoRAs applied "
+                               "before this node must stay the same for every VCT node."),
                 io.Latent.Input("latent", tooltip="The source image encoded with VAEEncode: its structure is kept."),
                 io.Conditioning.Input("conditioning", tooltip="The source prompt. The paper uses an empty prompt "
                                       "(CLIPTextEncode with no text)."),
@@ -75,20 +75,19 @@ class VCTDDIMInvert(io.ComfyNode):
         family = host.check_family(model, node)
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
         z0 = host.latent_in(model, latent, "latent")
-        cond = host.conditioning_tensor(conditioning, "conditioning")
-        host.check_conditioning_width(model, cond, "conditioning")
+        cond = host.model_cond(model, conditioning, "conditioning", z0.shape)
         sigmas = vct_ops.ddim_sigmas(host.train_sigmas(model), steps)
         host.load(model)
         device = model.load_device
         progress = host.Progress(steps)
         trajectory = vct_ops.ddim_invert(
             host.Denoiser(model), vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
-            cond.to(device), callback=host.step_callback(progress),
+            cond, callback=host.step_callback(progress),
         )
         data = InversionData(
             trajectory=trajectory.to(comfy.model_management.intermediate_device()),
             sigmas=sigmas,
-            source_cond=cond.detach().float().cpu(),
+            source_cond=cond,
             source_latent=latent["samples"].detach().float().cpu(),
             model_fingerprint=host.model_fingerprint(model),
             family=family,
@@ -144,12 +143,12 @@ class VCTNullTextInvert(io.ComfyNode):
         vct_ops.validate.check_steps("inner_steps", inner_steps, low=1, high=1000)
         init = inversion.source_cond
         if negative is not None:
-            init = host.conditioning_tensor(negative, "negative")
-            host.check_conditioning_width(model, init, "negative")
-            if init.shape[1:] != inversion.source_cond.shape[1:]:
+            init = host.model_cond(model, negative, "negative", inversion.source_latent.shape, "negative")
+            tokens, source_tokens = init["c_crossattn"].shape[1], inversion.source_cond["c_crossattn"].shape[1]
+            if tokens != source_tokens:
                 raise ValueError(
-                    f"negative has {init.shape[1]} tokens but the source prompt has "
-                    f"{inversion.source_cond.shape[1]}; use prompts of the same length"
+                    f"negative has {tokens} tokens but the source prompt has {source_tokens}; "
+                    "use prompts of the same length"
                 )
         if method not in vct_ops.CONTENT_METHODS:
             raise ValueError(f"method must be one of {', '.join(vct_ops.CONTENT_METHODS)}, got {method!r}")
@@ -157,9 +156,9 @@ class VCTNullTextInvert(io.ComfyNode):
             # No optimisation: negative_prompt uses the source prompt itself as the null embedding;
             # direct keeps the ordinary negative and corrects B* in the sampler instead.
             start = inversion.source_cond if method == "negative_prompt" else init
-            result = vct_ops.fixed_null_embeddings(start.detach().float(), inversion.steps)
-            nulls = torch.stack([e.cpu() for e in result.embeddings])
-            tuned = dataclasses.replace(inversion, null_embeddings=nulls, null_losses=[], method=method)
+            result = vct_ops.fixed_null_embeddings(start, inversion.steps)
+            tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings), null_losses=[],
+                                        method=method)
             return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
         device = model.load_device
         with host.training_mode():
@@ -171,14 +170,14 @@ class VCTNullTextInvert(io.ComfyNode):
                     host.Denoiser(model, gradients=True),
                     inversion.trajectory.clone().to(device),
                     inversion.sigmas.clone().to(device),
-                    inversion.source_cond.clone().to(device),
-                    init.detach().clone().float().to(device),
+                    {key: value.clone().to(device) for key, value in inversion.source_cond.items()},
+                    {key: value.clone().to(device) for key, value in init.items()},
                     guidance=cfg,
                     inner_steps=inner_steps,
                     early_stop=early_stop,
                     progress=host.Progress(inversion.steps * inner_steps),
                 )
-        nulls = torch.stack([e.detach().float().cpu() for e in result.embeddings])
-        tuned = dataclasses.replace(inversion, null_embeddings=nulls, null_losses=result.losses, method="null_text")
+        tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings),
+                                    null_losses=result.losses, method="null_text")
         plot = loss_curve(result.losses, "null-text loss per step")
         return io.NodeOutput(tuned, plot)

@@ -1,6 +1,7 @@
 """VCT Concept Embedding Learn: multi-vector textual inversion of the reference image."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import comfy.model_management
@@ -43,7 +44,8 @@ class VCTConceptLearn(io.ComfyNode):
             "train; the model and text encoder stay frozen). Optionally saves them as an embedding usable as "
             "embedding:NAME in any prompt.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x model (with any LoRAs) the concept is learned for."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model (with any LoRAs) the concept is "
+                               "learned for."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Latent.Input("latent", tooltip="The reference image(s) encoded with VAEEncode (512x512 like the "
                                 "paper works best). Several images in a batch are sampled at random."),
@@ -81,16 +83,16 @@ class VCTConceptLearn(io.ComfyNode):
         """Learn the concept vectors and return the concept conditioning, the vectors and a loss plot."""
         node = "VCT Concept Embedding Learn"
         host.check_family(model, node)
-        encoder = text.text_encoder(clip, node)
+        encoders = text.text_encoders(clip, node)
         width = host.context_width(model)
-        if width is not None and encoder.width != width:
+        if width is not None and sum(e.width for e in encoders) != width:
             raise ValueError(
-                f"{node}: the CLIP encodes {encoder.width}-wide tokens but the model takes {width}; connect the "
-                "CLIP of the same checkpoint as the model"
+                f"{node}: the CLIP encodes {sum(e.width for e in encoders)}-wide conditioning but the model takes "
+                f"{width}; connect the CLIP of the same checkpoint as the model"
             )
         if embedding_name.strip():
             storage.check_name(embedding_name, "embedding_name")
-        init = text.initializer_vectors(encoder, initializer, num_vectors)
+        init = {e.key: text.initializer_vectors(e, initializer, num_vectors) for e in encoders}
         references = host.latent_in(model, latent, "latent")
         config = vct_ops.ConceptConfig(
             steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
@@ -99,25 +101,27 @@ class VCTConceptLearn(io.ComfyNode):
         device = model.load_device
         with host.training_mode():
             comfy.model_management.load_models_gpu([model, clip.patcher])
-            unet = model.model.diffusion_model
-            host.make_autograd_safe(unet)
-            host.make_autograd_safe(encoder.module)
-            with frozen(unet), frozen(encoder.module):
+            modules = [model.model.diffusion_model] + [e.module for e in encoders]
+            for module in modules:
+                host.make_autograd_safe(module)
+            with contextlib.ExitStack() as stack:
+                for module in modules:
+                    stack.enter_context(frozen(module))
                 result = vct_ops.learn_concept(
                     host.Denoiser(model, gradients=True),
-                    text.GradientEncoder(encoder, device),
+                    text.GradientEncoder(encoders, model, references.shape, device),
                     # Clones: tensors made under inference mode upstream cannot be saved for backward.
-                    init.clone().to(device),
+                    {key: value.clone().to(device) for key, value in init.items()},
                     latent_sampler(references.clone().to(device)),
                     host.train_sigmas(model).clone().to(device),
                     config,
                     progress=host.Progress(steps),
                 )
-        vectors = result.vectors.detach().float().cpu()
-        files = {encoder.embedding_key: vectors}
+        vectors = {key: value.detach().float().cpu() for key, value in result.vectors.items()}
+        files = {e.embedding_key: vectors[e.key] for e in encoders}
         if embedding_name.strip():
             path = storage.save_embedding(embedding_name, files, overwrite)
             log.info("saved concept embedding to %s", path)
-        conditioning = text.encode_concept(encoder, vectors)
+        conditioning = text.encode_concept(encoders, vectors)
         plot = loss_curve(result.losses, "concept loss per step")
         return io.NodeOutput(conditioning, ConceptData(files, initializer, result.losses), plot)

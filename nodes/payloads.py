@@ -18,11 +18,11 @@ class InversionData:
 
     trajectory: torch.Tensor  # [steps + 1, B, C, H, W] sampler states, clean first
     sigmas: torch.Tensor  # [steps + 1] descending
-    source_cond: torch.Tensor  # [1 or B, tokens, width]
+    source_cond: dict  # what the model takes: {"c_crossattn": [1 or B, tokens, width], "y": ... (SDXL)}
     source_latent: torch.Tensor  # the LATENT samples it was made from (to refuse another image on load)
     model_fingerprint: str
     family: str
-    null_embeddings: Optional[torch.Tensor] = None  # [steps, B, tokens, width]
+    null_embeddings: Optional[dict] = None  # like source_cond, each tensor with a leading step dimension
     null_losses: Optional[list] = None
     method: str = "ddim"
 
@@ -30,6 +30,10 @@ class InversionData:
     def steps(self) -> int:
         """Return the number of sampling steps."""
         return self.sigmas.numel() - 1
+
+    def null_list(self) -> list[dict]:
+        """Return the null embeddings as one conditioning dict per step."""
+        return [{key: value[i] for key, value in self.null_embeddings.items()} for i in range(self.steps)]
 
     def describe(self) -> str:
         """Return a one-line summary for error messages."""
@@ -48,3 +52,8 @@ class ConceptData:
     def num_vectors(self) -> int:
         """Return how many token vectors stand for the concept."""
         return next(iter(self.vectors.values())).shape[0]
+
+
+def stack_steps(per_step: list[dict]) -> dict:
+    """Return per-step conditioning dicts stacked into one dict of [steps, ...] tensors (CPU, float32)."""
+    return {key: torch.stack([c[key].detach().float().cpu() for c in per_step]) for key in per_step[0]}

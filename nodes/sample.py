@@ -100,16 +100,16 @@ class VCTDualBranchSampler(io.ComfyNode):
                 f"{node}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
                 "VCT DDIM Invert and this node"
             )
-        cond = host.conditioning_tensor(concept, "concept")
-        host.check_conditioning_width(model, cond, "concept")
+        cond = host.model_cond(model, concept, "concept", inversion.source_latent.shape)
         source = inversion.source_cond
-        if cond.shape[1:] != source.shape[1:]:
+        tokens, source_tokens = cond["c_crossattn"].shape[1], source["c_crossattn"].shape[1]
+        if tokens != source_tokens:
             raise ValueError(
-                f"concept encodes to {cond.shape[1]} tokens x {cond.shape[2]} but the source prompt to "
-                f"{source.shape[1]} x {source.shape[2]}; use a concept prompt of at most 75 tokens from this "
-                "checkpoint's CLIP"
+                f"concept encodes to {tokens} tokens but the source prompt to {source_tokens}; use a concept "
+                "prompt of at most 75 tokens"
             )
-        config = injection_config(source, concept, self_injection, cross_injection, concept_weight, concept_tokens)
+        config = injection_config(source["c_crossattn"], concept, self_injection, cross_injection, concept_weight,
+                                  concept_tokens)
         controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
         patched = patched_clone(model, controller)
         host.load(patched)
@@ -124,7 +124,7 @@ class VCTDualBranchSampler(io.ComfyNode):
 
         result = vct_ops.dual_branch_sample(
             host.Denoiser(patched), inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
-            source.to(device), cond.to(device), [e.to(device) for e in inversion.null_embeddings], guidance=cfg,
+            source, cond, inversion.null_list(), guidance=cfg,
             callback=on_step,
             ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
         )

@@ -14,7 +14,7 @@ from .payloads import InversionData
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-. ]{0,127}")
 INVERSION_FOLDER = "vct_inversions"
-FORMAT = "vct-inversion/1"
+FORMAT = "vct-inversion/2"
 
 
 def check_name(name: str, what: str) -> str:
@@ -75,10 +75,10 @@ def save_inversion(data: InversionData, prefix: str) -> str:
     existing = list_inversions()
     pattern = re.compile(re.escape(prefix) + r"_(\d+)\.safetensors")
     number = 1 + max([int(m.group(1)) for f in existing if (m := pattern.fullmatch(f))], default=0)
-    tensors = {"trajectory": data.trajectory, "sigmas": data.sigmas, "source_cond": data.source_cond,
-               "source_latent": data.source_latent}
+    tensors = {"trajectory": data.trajectory, "sigmas": data.sigmas, "source_latent": data.source_latent}
+    tensors.update({f"source_cond.{k}": v for k, v in data.source_cond.items()})
     if data.null_embeddings is not None:
-        tensors["null_embeddings"] = data.null_embeddings
+        tensors.update({f"null_embeddings.{k}": v for k, v in data.null_embeddings.items()})
     metadata = {
         "format": FORMAT, "model_fingerprint": data.model_fingerprint, "family": data.family, "method": data.method,
         "null_losses": json.dumps(data.null_losses),
@@ -99,12 +99,17 @@ def load_inversion(filename: str) -> InversionData:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{filename} is not a VCT inversion file (format {metadata.get('format')!r})")
     losses = json.loads(metadata.get("null_losses", "null"))
+    nulls = _group(tensors, "null_embeddings.")
     return InversionData(
-        trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], source_cond=tensors["source_cond"],
+        trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], source_cond=_group(tensors, "source_cond."),
         source_latent=tensors["source_latent"], model_fingerprint=metadata["model_fingerprint"],
-        family=metadata["family"], null_embeddings=tensors.get("null_embeddings"), null_losses=losses,
+        family=metadata["family"], null_embeddings=nulls or None, null_losses=losses,
         method=metadata.get("method", "ddim"),
     )
+
+
+def _group(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def same_latent(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,8 +1,8 @@
 """Text-encoder glue: initializer tokens, concept prompts built from vectors, and a gradient-safe encode.
 
 A concept prompt is the token list `embedding:NAME` produces: [start, v1, ..., vn, end, padding],
-so the conditioning the nodes output equals what a plain CLIPTextEncode of `embedding:NAME` gives
-once the vectors are saved.
+per text encoder (one for SD1.x/SD2.x, CLIP-L and CLIP-G for SDXL), so the conditioning the
+nodes output equals what a plain CLIPTextEncode of `embedding:NAME` gives once the vectors are saved.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from . import host
 
 @dataclasses.dataclass
 class TextEncoder:
-    """One text encoder of a CLIP object: its token key ('l'), its module and its embedding-file key."""
+    """One text encoder of a CLIP object: its token key ('l', 'h', 'g'), its module and its embedding-file key."""
 
     clip: object
     key: str
@@ -29,24 +29,29 @@ class TextEncoder:
         return self.module.transformer.get_input_embeddings().weight.shape[-1]
 
 
-def text_encoder(clip, node: str) -> TextEncoder:
-    """Return the single CLIP-L style text encoder of `clip`, or raise a ValueError naming what is connected."""
+def text_encoders(clip, node: str) -> list[TextEncoder]:
+    """Return the text encoders of `clip` (one, or CLIP-L and CLIP-G for SDXL); raise naming what is connected."""
     outer = getattr(clip, "cond_stage_model", None)
+    tokenizer = getattr(clip, "tokenizer", None)
     attr = getattr(outer, "clip", None)
-    key = getattr(outer, "clip_name", None)
-    inner = getattr(outer, attr, None) if isinstance(attr, str) else None
-    tokenizer = getattr(getattr(clip, "tokenizer", None), attr, None) if isinstance(attr, str) else None
-    if inner is None or key is None or not hasattr(inner, "process_tokens") or tokenizer is None:
+    if isinstance(attr, str) and hasattr(outer, "clip_name"):
+        pairs = [(outer.clip_name, attr)]
+    elif hasattr(outer, "clip_l") and hasattr(outer, "clip_g"):
+        pairs = [("l", "clip_l"), ("g", "clip_g")]
+    else:
+        pairs = []
+    encoders = []
+    for key, name in pairs:
+        inner, sub_tokenizer = getattr(outer, name, None), getattr(tokenizer, name, None)
+        if hasattr(inner, "process_tokens") and hasattr(inner, "transformer") and sub_tokenizer is not None:
+            encoders.append(TextEncoder(clip, key, inner, sub_tokenizer.embedding_key))
+    if not encoders or len(encoders) != len(pairs):
         name = type(outer).__name__ if outer is not None else type(clip).__name__
         raise ValueError(
-            f"{node}: the connected CLIP ({name}) is not a single SD1.x text encoder; connect the CLIP output of "
-            "the same SD1.x CheckpointLoaderSimple as the model"
+            f"{node}: the connected CLIP ({name}) is not an SD1.x, SD2.x or SDXL text encoder; connect the CLIP "
+            "output of the same CheckpointLoaderSimple as the model"
         )
-    return TextEncoder(clip, key, inner, tokenizer.embedding_key)
-
-
-def _special(encoder: TextEncoder) -> set[int]:
-    return {int(t) for t in encoder.module.special_tokens.values() if t is not None}
+    return encoders
 
 
 def initializer_vectors(encoder: TextEncoder, word: str, count: int) -> torch.Tensor:
@@ -54,7 +59,7 @@ def initializer_vectors(encoder: TextEncoder, word: str, count: int) -> torch.Te
     if not word or not word.strip():
         raise ValueError("initializer is empty; give a word that describes the reference, e.g. 'girl' or 'painting'")
     tokens = encoder.clip.tokenize(word)[encoder.key]
-    special = _special(encoder)
+    special = {int(t) for t in encoder.module.special_tokens.values() if t is not None}
     ids = [int(t) for chunk in tokens for t, *_ in chunk if isinstance(t, int) and int(t) not in special]
     if not ids:
         raise ValueError(f"initializer {word!r} encodes to no word tokens; use a plain word such as 'girl'")
@@ -71,33 +76,48 @@ def concept_tokens(encoder: TextEncoder, vectors: torch.Tensor) -> list:
     return [base[0]] + [(vectors[i], 1.0) for i in range(count)] + list(base[1 : len(base) - count])
 
 
-def encode_concept(encoder: TextEncoder, vectors: torch.Tensor) -> list:
+def encode_concept(encoders: list[TextEncoder], vectors: dict) -> list:
     """Return the CONDITIONING of the concept prompt through ComfyUI's regular text-encoding path."""
-    tokens = {encoder.key: [concept_tokens(encoder, vectors.detach().float().cpu())]}
-    out = encoder.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    tokens = {e.key: [concept_tokens(e, vectors[e.key].detach().float().cpu())] for e in encoders}
+    out = encoders[0].clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
     cond = out.pop("cond")
-    out["vct_concept_tokens"] = int(vectors.shape[0])
+    out["vct_concept_tokens"] = int(next(iter(vectors.values())).shape[0])
     return [[cond, out]]
 
 
 class GradientEncoder:
-    """Vectors -> conditioning with gradients to the vectors; mirrors SDClipModel.forward for one prompt."""
+    """Concept vectors -> the model's conditioning dict, with gradients to the vectors.
 
-    def __init__(self, encoder: TextEncoder, device: torch.device) -> None:
-        """Prepare the encoder (options as encode_from_tokens sets them; weights usable by autograd)."""
-        self.encoder, self.device = encoder, device
-        outer = encoder.clip.cond_stage_model
-        outer.reset_clip_options()
-        if getattr(encoder.clip, "layer_idx", None) is not None:
-            outer.set_clip_options({"layer": encoder.clip.layer_idx})
-        host.make_autograd_safe(encoder.module)
+    Mirrors ComfyUI's encode path (per-encoder forward, SDXL's CLIP-L/CLIP-G concatenation and
+    pooled output, the model's `extra_conds`) without its in-place operations.
+    """
 
-    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Return the [1, tokens, width] conditioning of the concept prompt made of `vectors`."""
-        module = self.encoder.module
+    def __init__(self, encoders: list[TextEncoder], model, latent_shape, device: torch.device) -> None:
+        """Prepare the encoders with the options encode_from_tokens would set (e.g. CLIPSetLastLayer)."""
+        self.encoders, self.model, self.latent_shape, self.device = encoders, model, latent_shape, device
+        clip = encoders[0].clip
+        clip.cond_stage_model.reset_clip_options()
+        if getattr(clip, "layer_idx", None) is not None:
+            clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+
+    def __call__(self, vectors: dict) -> dict:
+        """Return the model's conditioning dict for the concept prompt made of `vectors`."""
+        outputs = [self._encode(e, vectors[e.key]) for e in self.encoders]
+        if len(outputs) == 1:
+            cond, pooled = outputs[0]
+        else:  # SDXL: CLIP-L and CLIP-G side by side, pooled output from CLIP-G
+            tokens = min(out.shape[1] for out, _ in outputs)
+            cond = torch.cat([out[:, :tokens] for out, _ in outputs], dim=-1)
+            pooled = outputs[-1][1]
+        conditioning = [[cond, {"pooled_output": pooled}]]
+        conds = host.model_cond(self.model, conditioning, "concept", self.latent_shape, detach=False)
+        return {key: value.to(self.device) for key, value in conds.items()}
+
+    def _encode(self, encoder: TextEncoder, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        module = encoder.module
         text_device = module.transformer.get_input_embeddings().weight.device
-        tokens = [pair[0] for pair in concept_tokens(self.encoder, vectors.to(text_device))]  # weights are all 1
-        embeds, mask, _, _ = module.process_tokens([tokens], text_device)
+        tokens = [pair[0] for pair in concept_tokens(encoder, vectors.to(text_device))]  # weights are all 1
+        embeds, mask, num_tokens, _ = module.process_tokens([tokens], text_device)
         if module.layer == "all":
             raise ValueError("concept learning needs a CLIP set to one layer, not 'all'")
         last, intermediate = clip_forward(
@@ -107,7 +127,10 @@ class GradientEncoder:
         z = last if module.layer == "last" else intermediate
         if module.zero_out_masked:
             z = z * mask.unsqueeze(-1).float()
-        return z.float().to(self.device)
+        pooled = last[torch.arange(last.shape[0]), [n - 1 for n in num_tokens]]
+        if module.return_projected_pooled:
+            pooled = module.transformer.text_projection(pooled)
+        return z.float(), pooled.float()
 
 
 def clip_forward(text_model, embeds: torch.Tensor, attention_mask, layer_index, norm_intermediate: bool):

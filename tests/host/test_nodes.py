@@ -74,7 +74,9 @@ def test_node_inversion_equals_the_kernel_on_the_same_model(pack, setup):
 def test_null_text_reconstruction_far_better_than_plain_through_the_sampler(pack, setup):
     model, inversion, tuned, z0 = setup["model"], setup["inversion"], setup["tuned"], setup["latent"]["samples"]
     # Plain: CFG 7.5 with the untuned initial null embedding at every step.
-    plain = dataclasses.replace(inversion, null_embeddings=setup["negative"][0][0][None].repeat(STEPS, 1, 1, 1))
+    negative = pack.host.model_cond(model, setup["negative"], "negative", z0.shape)
+    plain = dataclasses.replace(inversion, null_embeddings={k: v[None].repeat(STEPS, *[1] * v.dim())
+                                                           for k, v in negative.items()})
     plain_mse = float(((pack.run("VCTDualBranchSampler", model, plain, setup["source"], 7.5, 0.9, 0.2, 0.5)[1]
                         ["samples"] - z0) ** 2).mean())
     tuned_mse = float(((pack.run("VCTDualBranchSampler", model, tuned, setup["source"], 7.5, 0.9, 0.2, 0.5)[1]
@@ -184,17 +186,17 @@ def test_gradients_reach_null_embeddings_and_concept_vectors_on_models_built_in_
         host.make_autograd_safe(model.model.diffusion_model)
         denoise = host.Denoiser(model, gradients=True)
         phi = setup["source"][0][0].clone().requires_grad_(True)
-        denoise(x, sigma, phi).square().mean().backward()
+        denoise(x, sigma, {"c_crossattn": phi}).square().mean().backward()
         assert phi.grad is not None and float(phi.grad.abs().sum()) > 0
 
-        encoder = text.text_encoder(clip, "test")
-        vectors = text.initializer_vectors(encoder, "dog", 3).requires_grad_(True)
-        gradient_cond = text.GradientEncoder(encoder, model.load_device)(vectors)
+        encoders = text.text_encoders(clip, "test")
+        vectors = {e.key: text.initializer_vectors(e, "dog", 3).requires_grad_(True) for e in encoders}
+        gradient_cond = text.GradientEncoder(encoders, model, x.shape, model.load_device)(vectors)
         denoise(x, sigma, gradient_cond).square().mean().backward()
-        assert vectors.grad is not None and float(vectors.grad.abs().sum()) > 0
+        assert all(v.grad is not None and float(v.grad.abs().sum()) > 0 for v in vectors.values())
     with torch.inference_mode():
-        regular = text.encode_concept(encoder, vectors.detach())[0][0]
-    torch.testing.assert_close(gradient_cond.detach(), regular, rtol=1e-4, atol=1e-4)
+        regular = text.encode_concept(encoders, {k: v.detach() for k, v in vectors.items()})[0][0]
+    torch.testing.assert_close(gradient_cond["c_crossattn"].detach(), regular, rtol=1e-4, atol=1e-4)
 
 
 def test_saved_concept_loads_through_a_plain_embedding_prompt(pack, setup, comfy_session):
@@ -269,11 +271,11 @@ def test_another_model_family_is_refused_by_name(pack, setup):
     import comfy.supported_models
 
     other = setup["model"].clone()
-    config = comfy.supported_models.SD20(comfy_tiny.tiny_sd15_unet_config())
+    config = comfy.supported_models.SDXLRefiner(comfy_tiny.tiny_sd15_unet_config())
     original = other.model.model_config
     try:
         other.model.model_config = config
-        with pytest.raises(ValueError, match="SD20 model.*SD15"):
+        with pytest.raises(ValueError, match="SDXLRefiner model.*SD15, SD20, SDXL"):
             pack.run("VCTDDIMInvert", other, setup["latent"], setup["source"], 5)
     finally:
         other.model.model_config = original
