@@ -19,7 +19,7 @@ Fixtures (see the helper modules for details):
     tiny_checkpoint          TinyCheckpoint: placeholder `vct_tiny_sd15.safetensors` in the session's
                              checkpoints folder + comfy.sd.load_checkpoint_guess_config patched (this
                              test only), so CheckpointLoaderSimple & co. return fresh tiny models;
-                             .name, .add(name, seed=0), .calls
+                             .name, .add(name, seed=0, family="sd15"), .calls
     vct_pack                 comfy_runner.LoadedPack of this repository, loaded once per session as
                              custom_nodes/ComfyUI-VCT with nodes.load_custom_node (errors with
                              ComfyUI's log if the pack does not load)
@@ -168,11 +168,12 @@ class TinyCheckpoint:
         self.folder, self.patch, self.files = folder, patch, []
         self.name = self.add("vct_tiny_sd15.safetensors")
 
-    def add(self, name: str, seed: int = 0) -> str:
-        """Make `name` (e.g. a real checkpoint name a shipped workflow uses) load as a tiny checkpoint."""
+    def add(self, name: str, seed: int = 0, family: str = "sd15") -> str:
+        """Make `name` (e.g. a real checkpoint name a shipped workflow uses) load as a tiny checkpoint
+        of `family` ("sd15", "sd2" or "sdxl"; see comfy_tiny.tiny_checkpoint)."""
         import comfy_tiny
 
-        self.files.append(comfy_tiny.write_tiny_checkpoint_file(self.folder / name, seed=seed))
+        self.files.append(comfy_tiny.write_tiny_checkpoint_file(self.folder / name, seed=seed, family=family))
         return name
 
     @property
