@@ -108,7 +108,8 @@ def recording_patches(model, pack, log, kind="attn1"):
         def patch(q, k, v, extra):
             roles = extra.get(pack.vct_ops.ROLES_KEY)
             if roles is not None:
-                entry = {"key": key, "roles": list(roles), "sigma": float(extra["sigmas"].max())}
+                entry = {"key": key, "roles": list(roles), "sigma": float(extra["sigmas"].max()),
+                         "queries": q.shape[1]}
                 if "ref" in roles and "main" in roles:
                     ref, main = roles.index("ref"), roles.index("main")
                     entry["borrowed"] = torch.equal(q[main], q[ref]) and torch.equal(k[main], k[ref])
