@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-import torch
-
 import comfy_runner
 import comfy_tiny
+import pytest
+import torch
 from test_nodes import WORKFLOWS, Pack, encode, recording_patches, small_workflow
 
 STEPS = 6
