@@ -1,6 +1,6 @@
 """Running things the way ComfyUI runs them, headless: loading a custom node pack, validating and
-executing API-format prompts with ComfyUI's own executor, and converting UI-format workflows
-(what the frontend saves) to API prompts.
+executing API-format prompts with ComfyUI's own executor, and (re-exported from the pack's
+workflows/run_workflow.py, which owns it) converting UI-format workflows to API prompts.
 
 ComfyUI 0.3.6x signatures this relies on (checked against 0.3.64):
 - `async nodes.load_custom_node(module_path, ignore=set(), module_parent="custom_nodes") -> bool`
@@ -255,186 +255,35 @@ def run_prompt(prompt: dict, *, executor=None, extra_data: dict | None = None, p
 
 
 # ----------------------------------------------------------------------------------------------
-# (c) UI workflow -> API prompt
+# (c) UI workflow -> API prompt: owned by the product, workflows/run_workflow.py (not a package,
+#     so loaded from its file); re-exported here under the names the tests use
 # ----------------------------------------------------------------------------------------------
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
-MODE_MUTED, MODE_BYPASS = 2, 4
+def _load_run_workflow():
+    """The pack's workflows/run_workflow.py as a module (registered as `vct_run_workflow`)."""
+    import importlib.util
+
+    name = "vct_run_workflow"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, comfy_env.REPO_ROOT / "workflows" / "run_workflow.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def node_info(class_type: str) -> dict:
-    """What the server's /object_info gives the frontend for one node: `input` and `input_order`.
-    V3 nodes (`comfy_api` io.ComfyNode): `GET_NODE_INFO_V1()` (built from `define_schema()`: inputs in
-    schema order, required/optional by `optional=`); V1 nodes: `INPUT_TYPES()` in dict order."""
-    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-    if hasattr(cls, "GET_NODE_INFO_V1"):
-        return cls.GET_NODE_INFO_V1()
-    inputs = cls.INPUT_TYPES()
-    return {"input": inputs, "input_order": {k: list(v.keys()) for k, v in inputs.items()}}
-
-
-def _is_widget(spec) -> bool:
-    io_type = spec[0]
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if isinstance(io_type, (list, tuple)):
-        return True                                 # V1 combo: list of options
-    return io_type in WIDGET_TYPES and not opts.get("forceInput", False)
-
-
-def widget_layout(class_type: str) -> list[dict]:
-    """Widgets of a node in the order the frontend creates them, i.e. the order of `widgets_values`:
-    required then optional inputs in `input_order`, keeping only widget inputs (INT, FLOAT, STRING,
-    BOOLEAN, COMBO / V1 option lists, without `forceInput`). Each entry: name, spec, and the extra
-    frontend-only widgets that follow it in `widgets_values`: `control` (the "control after
-    generate" value after INT inputs with `control_after_generate`, or named seed/noise_seed) and
-    `upload` (the upload button value after combos with image/video/audio_upload)."""
-    info = node_info(class_type)
-    out = []
-    for section in ("required", "optional"):
-        specs = info["input"].get(section, {}) or {}
-        for name in info["input_order"].get(section, list(specs.keys())):
-            spec = specs[name]
-            if not _is_widget(spec):
-                continue
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            control = spec[0] == "INT" and bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
-            upload = any(opts.get(f) for f in UPLOAD_FLAGS)
-            out.append({"name": name, "spec": spec, "control": control, "upload": upload,
-                        "default": opts.get("default")})
-    return out
-
-
-def _assign_widget_values(class_type: str, values) -> dict:
-    layout = widget_layout(class_type)
-    if isinstance(values, dict):                    # some nodes save {name: value}
-        return {w["name"]: values[w["name"]] for w in layout if w["name"] in values}
-    values = list(values or [])
-    base = len(layout)
-    n_ctrl = sum(w["control"] for w in layout)
-    n_upl = sum(w["upload"] for w in layout)
-    use_ctrl, use_upl = True, True
-    for c, u in ((True, True), (True, False), (False, True), (False, False)):
-        if base + n_ctrl * c + n_upl * u == len(values):
-            use_ctrl, use_upl = c, u
-            break
-    else:
-        if len(values) < base + n_ctrl + n_upl:     # too few: older save; fill the rest with defaults
-            use_ctrl = use_upl = len(values) > base
-    out, i = {}, 0
-    for w in layout:
-        if i < len(values):
-            out[w["name"]] = values[i]
-        elif w["default"] is not None:
-            out[w["name"]] = w["default"]
-        i += 1
-        i += int(w["control"] and use_ctrl) + int(w["upload"] and use_upl)
-    return out
-
-
-def ui_to_api(workflow: dict, *, keep_bypassed: bool = False) -> dict:
-    """Convert a UI-format workflow (frontend save: "nodes" with "type", "widgets_values",
-    "inputs"[{"name", "link", "widget"?}], "mode"; "links" as [id, origin_id, origin_slot,
-    target_id, target_slot, type] or dicts) into an API prompt {id: {"class_type", "inputs", "_meta"}}.
-
-    Kept simple: widget values are matched to inputs by `widget_layout` (see there); a linked
-    input (socket, or widget converted to input) becomes [origin_id, origin_slot]; links are
-    followed through Reroute nodes and bypassed nodes (mode 4: output slot -> first input of the
-    same type, preferring the same index); a PrimitiveNode's value is inlined into the widget it
-    feeds; Note/MarkdownNote are dropped, muted nodes (mode 2) are dropped with their links.
-    Not supported: subgraphs, group nodes, frontend-only widget types (raise or drop)."""
-    if workflow.get("definitions", {}).get("subgraphs"):
-        subgraph_ids = {s.get("id") for s in workflow["definitions"]["subgraphs"]}
-    else:
-        subgraph_ids = set()
-    wf_nodes = {str(n["id"]): n for n in workflow["nodes"]}
-    links = {}
-    for link in workflow.get("links", []):
-        if isinstance(link, dict):
-            lid, o_id, o_slot = link["id"], link["origin_id"], link["origin_slot"]
-        else:
-            lid, o_id, o_slot = link[0], link[1], link[2]
-        links[lid] = (str(o_id), int(o_slot))
-
-    def resolve(link_id, depth=0):
-        """Follow a link upstream; returns ("link", (node_id, slot)), ("value", v) or None."""
-        if link_id is None or link_id not in links or depth > 64:
-            return None
-        o_id, o_slot = links[link_id]
-        src = wf_nodes.get(o_id)
-        if src is None:
-            return None
-        mode = src.get("mode", 0)
-        if src["type"] == "Reroute":
-            return resolve((src.get("inputs") or [{}])[0].get("link"), depth + 1)
-        if src["type"] == "PrimitiveNode":
-            vals = src.get("widgets_values") or []
-            return ("value", vals[0]) if vals else None
-        if mode == MODE_MUTED:
-            return None
-        if mode == MODE_BYPASS and not keep_bypassed:
-            outs = src.get("outputs") or []
-            out_type = outs[o_slot].get("type") if o_slot < len(outs) else None
-            ins = src.get("inputs") or []
-            cands = [i for i, inp in enumerate(ins) if inp.get("type") == out_type and inp.get("link") is not None]
-            if not cands:
-                return None
-            idx = o_slot if o_slot in cands else cands[0]
-            return resolve(ins[idx]["link"], depth + 1)
-        return ("link", (o_id, o_slot))
-
-    prompt = {}
-    for nid, n in wf_nodes.items():
-        ctype = n["type"]
-        if ctype in VIRTUAL_NODES or n.get("mode", 0) == MODE_MUTED:
-            continue
-        if n.get("mode", 0) == MODE_BYPASS and not keep_bypassed:
-            continue
-        if ctype in subgraph_ids:
-            raise NotImplementedError(f"node {nid}: subgraphs are not supported by ui_to_api")
-        if ctype not in nodes.NODE_CLASS_MAPPINGS:
-            raise KeyError(f"node {nid}: unknown node type {ctype!r} (pack not loaded?)")
-        inputs = _assign_widget_values(ctype, n.get("widgets_values"))
-        for inp in n.get("inputs") or []:
-            if inp.get("link") is None:
-                continue
-            r = resolve(inp["link"])
-            if r is None:  # unresolvable (muted source...): a socket stays unset, a widget keeps its value
-                continue
-            kind, val = r
-            inputs[inp["name"]] = [val[0], val[1]] if kind == "link" else val
-        prompt[nid] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": n.get("title") or ctype}}
-    return prompt
-
-
-def set_inputs(prompt: dict, node: str, **values) -> list[str]:
-    """Override widget values in an API prompt, e.g. set_inputs(p, "KSampler", steps=2) or
-    set_inputs(p, "5", steps=2). `node` is a node id or a class_type (all nodes of that type);
-    returns the ids changed. Raises KeyError when nothing matches."""
-    ids = [node] if node in prompt else [k for k, v in prompt.items() if v["class_type"] == node]
-    if not ids:
-        raise KeyError(f"no node {node!r} in the prompt")
-    for k in ids:
-        prompt[k]["inputs"].update(values)
-    return ids
-
-
-def load_workflow(path: str | os.PathLike) -> dict:
-    import json
-
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def api_prompt_from_file(path: str | os.PathLike, **kwargs) -> dict:
-    """A workflow file as an API prompt: UI format is converted, API format returned as is."""
-    wf = load_workflow(path)
-    return ui_to_api(wf, **kwargs) if "nodes" in wf and isinstance(wf["nodes"], list) else wf
+run_workflow = _load_run_workflow()
+WIDGET_TYPES, VIRTUAL_NODES = run_workflow.WIDGET_TYPES, run_workflow.VIRTUAL_NODES
+UPLOAD_FLAGS, MODE_MUTED, MODE_BYPASS = run_workflow.UPLOAD_FLAGS, run_workflow.MODE_MUTED, run_workflow.MODE_BYPASS
+node_info, widget_layout = run_workflow.node_info, run_workflow.widget_layout
+_assign_widget_values, ui_to_api = run_workflow._assign_widget_values, run_workflow.ui_to_api
+set_inputs, load_workflow = run_workflow.set_inputs, run_workflow.load_workflow
+api_prompt_from_file = run_workflow.api_prompt_from_file
 
 
 __all__ = [
     "LoadedPack", "PackLoadError", "load_pack", "PromptValidationError", "PromptExecutionError",
     "DummyServer", "RunResult", "validate_prompt", "run_prompt", "node_info", "widget_layout",
-    "ui_to_api", "set_inputs", "load_workflow", "api_prompt_from_file",
+    "ui_to_api", "set_inputs", "load_workflow", "api_prompt_from_file", "run_workflow",
 ]

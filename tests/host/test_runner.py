@@ -1,0 +1,145 @@
+"""workflows/run_workflow.py, the headless runner, inside the test session's ComfyUI (already bootstrapped)."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import comfy_runner
+import numpy as np
+import pytest
+from PIL import Image
+
+rw = comfy_runner.run_workflow
+SHIPPED = sorted(p.stem.removeprefix("vct_") for p in rw.WORKFLOWS_DIR.glob("vct_*.json"))
+SMALL = ["ImageScale.width=32", "ImageScale.height=32", "VCTDDIMInvert.steps=3", "VCTNullTextInvert.inner_steps=2",
+         "VCTConceptLearn.steps=2", "VCTConceptLearn.grad_accum=1", "VCTConceptLearn.embedding_name="]
+
+
+def write_image(path: Path, width: int = 40, height: int = 48, seed: int = 0) -> Path:
+    """Write a random RGB image (format from the suffix) and return its path."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def staged(comfy_session):
+    """Remove what the runner copies into the session's input/vct/ folder."""
+    yield comfy_session.input_dir / "vct"
+    shutil.rmtree(comfy_session.input_dir / "vct", ignore_errors=True)
+
+
+def test_runner_module_imports_nothing_from_comfyui():
+    source = (rw.WORKFLOWS_DIR / "run_workflow.py").read_text()
+    top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in top_level if any(m in line for m in ("comfy", "nodes", "execution", "server",
+                                                                       "folder_paths", "torch", "PIL"))]
+
+
+@pytest.mark.parametrize("workflow", SHIPPED)
+def test_run_shipped_workflow_to_a_saved_png(workflow, vct_pack, tiny_checkpoint, comfy_session, tmp_path, staged,
+                                             caplog):
+    ckpt = tiny_checkpoint.add("vct_runner_tiny.safetensors", seed=1)
+    source = write_image(tmp_path / "photo.png", seed=1)
+    reference = write_image(tmp_path / "dog.jpg", width=36, height=30, seed=2)
+    assert rw.bootstrap(comfy_session.comfyui_path) is False, "the session's ComfyUI is detected and reused"
+    with caplog.at_level(logging.INFO, logger="vct.run_workflow"):
+        saved = rw.run(comfy_session.comfyui_path, workflow, ckpt, source, reference, SMALL, cpu=True)
+    assert saved and all(p.is_absolute() and p.is_file() and p.suffix == ".png" for p in saved)
+    assert all(p.parent == comfy_session.output_dir for p in saved)
+    assert Image.open(saved[0]).size == (32, 32)
+    assert len(tiny_checkpoint.calls) == 1 and tiny_checkpoint.calls[0]["ckpt_path"].endswith(ckpt)
+    assert sorted(p.suffix for p in staged.iterdir()) == [".jpg", ".png"], "both images copied to input/vct/"
+    assert "VCTDualBranchSampler" in caplog.text and "[1/" in caplog.text, "a progress line per node"
+    for p in saved:
+        p.unlink()
+
+
+@pytest.mark.parametrize("workflow", SHIPPED)
+def test_source_and_reference_loaders_come_from_the_links(workflow, vct_pack):
+    prompt = rw.api_prompt_from_file(rw.resolve_workflow(workflow))
+    source, reference = rw.find_image_loaders(prompt)
+    assert prompt[source]["_meta"]["title"].startswith("Source image")
+    assert prompt[reference]["_meta"]["title"].startswith("Reference image")
+    # rewire: each VAEEncode now takes the other ImageScale, so the roles swap
+    encoders = [k for k, v in prompt.items() if v["class_type"] == "VAEEncode"]
+    a, b = (prompt[k]["inputs"] for k in encoders)
+    a["pixels"], b["pixels"] = b["pixels"], a["pixels"]
+    assert rw.find_image_loaders(prompt) == (reference, source)
+    del prompt[reference]
+    with pytest.raises(rw.UsageError, match="source image.*VCTDDIMInvert"):
+        rw.find_image_loaders(prompt)
+
+
+def test_resolve_workflow_names():
+    for name in ("subject_translation", "vct_subject_translation", "vct_subject_translation.json"):
+        assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "vct_subject_translation.json").resolve()
+    with pytest.raises(rw.UsageError, match="shipped: .*style_transfer"):
+        rw.resolve_workflow("no_such_workflow")
+
+
+def test_set_parsing_and_clear_errors(vct_pack):
+    assert rw.parse_override("VCTConceptLearn.steps=200") == ("VCTConceptLearn", "steps", 200)
+    assert rw.parse_override("VCTDualBranchSampler.self_injection=0.8") == ("VCTDualBranchSampler",
+                                                                           "self_injection", 0.8)
+    assert rw.parse_override("11.overwrite=True") == ("11", "overwrite", True)
+    assert rw.parse_override("VCTNullTextInvert.early_stop=1e-5")[2] == pytest.approx(1e-5)
+    assert rw.parse_override("VCTConceptLearn.initializer=a=b") == ("VCTConceptLearn", "initializer", "a=b")
+    assert rw.parse_override('VCTConceptLearn.initializer="42"')[2] == "42"
+    assert rw.parse_override("VCTConceptLearn.embedding_name=")[2] == ""
+    for bad in ("steps=3", "VCTConceptLearn.steps", ".steps=3", "VCTConceptLearn.=3"):
+        with pytest.raises(rw.UsageError, match="CLASS_OR_ID.input=value"):
+            rw.parse_override(bad)
+
+    prompt = rw.api_prompt_from_file(rw.resolve_workflow("subject_translation"))
+    rw.apply_overrides(prompt, ["VCTConceptLearn.steps=7", "4.width=64", ("ImageScale", "height", 24)])
+    assert prompt["11"]["inputs"]["steps"] == 7
+    assert prompt["4"]["inputs"]["width"] == 64 and prompt["5"]["inputs"]["width"] == 512
+    assert prompt["4"]["inputs"]["height"] == prompt["5"]["inputs"]["height"] == 24
+    with pytest.raises(rw.UsageError, match="no node with id or class 'KSampler'.*VCTConceptLearn"):
+        rw.apply_overrides(prompt, ["KSampler.steps=3"])
+    with pytest.raises(rw.UsageError, match="VCTConceptLearn has no input 'stpes'.*steps"):
+        rw.apply_overrides(prompt, ["VCTConceptLearn.stpes=3"])
+    with pytest.raises(rw.UsageError, match="connected to another node"):
+        rw.apply_overrides(prompt, ["VCTConceptLearn.latent=3"])
+
+
+def test_main_with_a_missing_source_exits_2(comfy_session, tmp_path, caplog):
+    reference = write_image(tmp_path / "dog.png")
+    argv = ["--comfyui", str(comfy_session.comfyui_path), "--workflow", "subject_translation",
+            "--source", str(tmp_path / "missing.jpg"), "--reference", str(reference)]
+    assert rw.main(argv) == 2
+    assert "--source" in caplog.text and "missing.jpg" in caplog.text and "no such file" in caplog.text
+
+
+def test_main_with_an_unknown_checkpoint_exits_2_with_the_node_error(vct_pack, comfy_session, tmp_path, staged,
+                                                                     caplog, capsys):
+    source, reference = write_image(tmp_path / "photo.png"), write_image(tmp_path / "dog.png", seed=3)
+    argv = ["--comfyui", str(comfy_session.comfyui_path), "--workflow", "style_transfer", "--checkpoint",
+            "no_such_model.safetensors", "--source", str(source), "--reference", str(reference)]
+    assert rw.main(argv) == 2
+    assert "invalid prompt" in caplog.text and "CheckpointLoaderSimple" in caplog.text
+    assert "no_such_model.safetensors" in caplog.text
+    assert capsys.readouterr().out == "", "nothing on stdout when nothing was saved"
+
+
+def test_main_prints_the_saved_paths(vct_pack, tiny_checkpoint, comfy_session, tmp_path, staged, capsys):
+    source, reference = write_image(tmp_path / "photo.png"), write_image(tmp_path / "dog.png", seed=3)
+    argv = ["--comfyui", str(comfy_session.comfyui_path), "--workflow", str(rw.resolve_workflow("style_transfer")),
+            "--checkpoint", tiny_checkpoint.name, "--source", str(source), "--reference", str(reference), "--cpu"]
+    argv += [a for s in SMALL for a in ("--set", s)]
+    assert rw.main(argv) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed and all(p.is_absolute() and p.is_file() for p in printed)
+    for p in printed:
+        p.unlink()
+
+
+def test_a_failing_node_exits_1(vct_pack, tiny_checkpoint, comfy_session, tmp_path, staged, caplog):
+    source, reference = write_image(tmp_path / "photo.png"), write_image(tmp_path / "dog.png", seed=3)
+    argv = ["--comfyui", str(comfy_session.comfyui_path), "--workflow", "subject_translation",
+            "--checkpoint", tiny_checkpoint.name, "--source", str(source), "--reference", str(reference)]
+    argv += [a for s in [*SMALL, "VCTConceptLearn.initializer=  "] for a in ("--set", s)]
+    assert rw.main(argv) == 1
+    assert "VCTConceptLearn" in caplog.text and "failed" in caplog.text

@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""Run a shipped VCT workflow headless, in-process, with your own ComfyUI install:
+
+    python ComfyUI/custom_nodes/ComfyUI-VCT/workflows/run_workflow.py --comfyui ComfyUI \\
+        --workflow subject_translation --checkpoint v1-5-pruned-emaonly.safetensors \\
+        --source photo.jpg --reference dog.jpg [--set VCTConceptLearn.steps=200] [--cpu]
+
+Exit codes: 0 done (saved image paths on stdout), 1 a node failed, 2 bad arguments or an invalid
+prompt, 130 interrupted. Also home of the UI -> API workflow conversion (`ui_to_api`). Nothing from
+ComfyUI is imported at import time, only inside functions once `bootstrap()` has run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+WORKFLOWS_DIR = Path(os.path.abspath(__file__)).parent  # not resolved: the pack may be a symlink in custom_nodes
+PACK_ROOT = WORKFLOWS_DIR.parent
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
+MODE_MUTED, MODE_BYPASS = 2, 4
+log = logging.getLogger("vct.run_workflow")
+
+
+class UsageError(Exception):
+    """Bad arguments, inputs or workflow, or a prompt ComfyUI refuses (exit code 2)."""
+
+
+class ExecutionError(Exception):
+    """A node raised while the prompt ran (exit code 1)."""
+
+
+def bootstrap(comfyui_path, cpu: bool = False) -> bool:
+    """Import ComfyUI from `comfyui_path` and register its nodes; return False if this process already had it."""
+    root = Path(comfyui_path).expanduser().resolve()
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and hasattr(loaded, "NODE_CLASS_MAPPINGS") and "execution" in sys.modules:
+        if Path(loaded.__file__).resolve().parent != root:
+            raise UsageError(f"this process already runs the ComfyUI at {Path(loaded.__file__).parent}, not {root}")
+        return False
+    missing = [p for p in ("nodes.py", "execution.py", "folder_paths.py", "comfy/cli_args.py")
+               if not (root / p).is_file()]
+    if missing:
+        raise UsageError(f"--comfyui {comfyui_path}: not a ComfyUI folder (missing {', '.join(missing)})")
+    sys.path.insert(0, str(root))
+    importlib.import_module("comfy.cli_args").args.cpu = bool(cpu)  # read when comfy.model_management is imported
+    # in this order: the `utils` package before nodes.py puts comfy/ (with its utils.py) first on sys.path
+    try:
+        for name in ("comfy.model_management", "utils.install_util", "utils.extra_config", "execution", "server",
+                     "nodes"):
+            importlib.import_module(name)
+    except Exception as e:  # e.g. torch finds no GPU driver
+        raise UsageError(f"ComfyUI at {root} failed to start: {type(e).__name__}: {e}"
+                         + ("" if cpu else " (no usable GPU? try --cpu)")) from e
+    nodes, server = sys.modules["nodes"], sys.modules["server"]
+    if (root / "extra_model_paths.yaml").is_file():
+        sys.modules["utils.extra_config"].load_extra_path_config(str(root / "extra_model_paths.yaml"))
+    if Path(nodes.__file__).resolve() != root / "nodes.py":
+        raise UsageError(f"`import nodes` gave {nodes.__file__}, not {root / 'nodes.py'}")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:  # created, not started, as main.py does: custom nodes add routes to PromptServer.instance
+        server.PromptServer(loop)
+    except Exception as e:  # noqa: BLE001 - a pack needing it then fails to load, and ComfyUI says so
+        log.warning("could not create ComfyUI's PromptServer (%s); packs that need it may not load", e)
+    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return True
+
+
+def ensure_pack_loaded() -> bool:
+    """Load this pack from its own folder unless ComfyUI already has its nodes; return True if it had to."""
+    import nodes
+
+    if "VCTDDIMInvert" in nodes.NODE_CLASS_MAPPINGS:
+        return False
+    ignore = set(nodes.NODE_CLASS_MAPPINGS)
+    if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT), ignore=ignore, module_parent="custom_nodes")):
+        raise UsageError(f"ComfyUI could not load the VCT nodes from {PACK_ROOT} (see the log above)")
+    return True
+
+
+# ---------------------------------------------------------------------------- UI workflow -> API prompt
+
+def node_info(class_type: str) -> dict:
+    """Return what /object_info gives the frontend for a node (V1 or V3): `input` and `input_order`."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "GET_NODE_INFO_V1"):
+        return cls.GET_NODE_INFO_V1()
+    inputs = cls.INPUT_TYPES()
+    return {"input": inputs, "input_order": {k: list(v.keys()) for k, v in inputs.items()}}
+
+
+def widget_layout(class_type: str) -> list[dict]:
+    """Return a node's widgets in `widgets_values` order: name, spec, default, and the frontend-only values
+    saved after it: `control` (INT with control_after_generate, or seed/noise_seed), `upload` (upload combos)."""
+    info, out = node_info(class_type), []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {}) or {}
+        for name in info["input_order"].get(section, list(specs.keys())):
+            spec = specs[name]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if not (isinstance(spec[0], (list, tuple)) or (spec[0] in WIDGET_TYPES and not opts.get("forceInput"))):
+                continue  # a socket, not a widget (V1 combos are option lists)
+            control = spec[0] == "INT" and bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
+            out.append({"name": name, "spec": spec, "control": control, "default": opts.get("default"),
+                        "upload": any(opts.get(f) for f in UPLOAD_FLAGS)})
+    return out
+
+
+def _assign_widget_values(class_type: str, values) -> dict:
+    """Return {input name: value} for a node's saved `widgets_values` (list or dict)."""
+    layout = widget_layout(class_type)
+    if isinstance(values, dict):  # some nodes save {name: value}
+        return {w["name"]: values[w["name"]] for w in layout if w["name"] in values}
+    values = list(values or [])
+    base, n_ctrl, n_upl = len(layout), sum(w["control"] for w in layout), sum(w["upload"] for w in layout)
+    use_ctrl = use_upl = True
+    for c, u in ((True, True), (True, False), (False, True), (False, False)):
+        if base + n_ctrl * c + n_upl * u == len(values):
+            use_ctrl, use_upl = c, u
+            break
+    else:
+        if len(values) < base + n_ctrl + n_upl:  # too few: an older save; the rest gets defaults
+            use_ctrl = use_upl = len(values) > base
+    out, i = {}, 0
+    for w in layout:
+        if i < len(values):
+            out[w["name"]] = values[i]
+        elif w["default"] is not None:
+            out[w["name"]] = w["default"]
+        i += 1 + int(w["control"] and use_ctrl) + int(w["upload"] and use_upl)
+    return out
+
+
+def ui_to_api(workflow: dict, *, keep_bypassed: bool = False) -> dict:
+    """Return the API prompt {id: {"class_type", "inputs", "_meta"}} of a UI-format (frontend-saved) workflow.
+
+    Widget values are matched by `widget_layout`; a linked input becomes [origin_id, slot]; links are followed
+    through Reroutes and bypassed nodes (mode 4: to the first input of the output's type, preferring the same
+    index); a PrimitiveNode's value is inlined; Notes and muted nodes (mode 2) are dropped. No subgraphs."""
+    import nodes
+
+    subgraph_ids = {s.get("id") for s in (workflow.get("definitions") or {}).get("subgraphs") or []}
+    wf_nodes = {str(n["id"]): n for n in workflow["nodes"]}
+    links = {}
+    for link in workflow.get("links", []):
+        lid, o_id, o_slot = (link["id"], link["origin_id"], link["origin_slot"]) if isinstance(link, dict) else link[:3]
+        links[lid] = (str(o_id), int(o_slot))
+
+    def resolve(link_id, depth=0):
+        """Return ("link", [node_id, slot]), ("value", v) or None for a link, followed upstream."""
+        if link_id not in links or depth > 64 or links[link_id][0] not in wf_nodes:
+            return None
+        o_id, o_slot = links[link_id]
+        src, mode = wf_nodes[o_id], wf_nodes[o_id].get("mode", 0)
+        if src["type"] == "Reroute":
+            return resolve((src.get("inputs") or [{}])[0].get("link"), depth + 1)
+        if src["type"] == "PrimitiveNode":
+            return ("value", src["widgets_values"][0]) if src.get("widgets_values") else None
+        if mode == MODE_MUTED:
+            return None
+        if mode == MODE_BYPASS and not keep_bypassed:
+            outs, ins = src.get("outputs") or [], src.get("inputs") or []
+            out_type = outs[o_slot].get("type") if o_slot < len(outs) else None
+            cands = [i for i, inp in enumerate(ins) if inp.get("type") == out_type and inp.get("link") is not None]
+            return resolve(ins[o_slot if o_slot in cands else cands[0]]["link"], depth + 1) if cands else None
+        return ("link", [o_id, o_slot])
+
+    prompt = {}
+    for nid, n in wf_nodes.items():
+        ctype, mode = n["type"], n.get("mode", 0)
+        if ctype in VIRTUAL_NODES or mode == MODE_MUTED or (mode == MODE_BYPASS and not keep_bypassed):
+            continue
+        if ctype in subgraph_ids:
+            raise NotImplementedError(f"node {nid}: subgraphs are not supported by ui_to_api")
+        if ctype not in nodes.NODE_CLASS_MAPPINGS:
+            raise KeyError(f"node {nid}: unknown node type {ctype!r} (pack not loaded?)")
+        inputs = _assign_widget_values(ctype, n.get("widgets_values"))
+        for inp in n.get("inputs") or []:
+            r = resolve(inp.get("link"))
+            if r is not None:  # unresolvable (muted source...): a socket stays unset, a widget keeps its value
+                inputs[inp["name"]] = r[1]
+        prompt[nid] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": n.get("title") or ctype}}
+    return prompt
+
+
+def _matching(prompt: dict, node: str) -> list[str]:
+    """Return [node] if it is a node id of the prompt, else the ids of all nodes of class `node`."""
+    return [node] if node in prompt else [k for k, v in prompt.items() if v["class_type"] == node]
+
+
+def set_inputs(prompt: dict, node: str, **values) -> list[str]:
+    """Set inputs on node id `node` or every node of class `node`; return the ids changed (KeyError if none)."""
+    ids = _matching(prompt, node)
+    if not ids:
+        raise KeyError(f"no node {node!r} in the prompt")
+    for k in ids:
+        prompt[k]["inputs"].update(values)
+    return ids
+
+
+def load_workflow(path) -> dict:
+    """Return a workflow file's JSON."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def api_prompt_from_file(path, **kwargs) -> dict:
+    """Return a workflow file as an API prompt (UI format converted, API format as is)."""
+    wf = load_workflow(path)
+    return ui_to_api(wf, **kwargs) if isinstance(wf.get("nodes"), list) else wf
+
+
+# ---------------------------------------------------------------------------- preparing the prompt
+
+def resolve_workflow(name) -> Path:
+    """Return the file of a workflow given as a path or a shipped name (`subject_translation`, `vct_style_transfer`)."""
+    for cand in (Path(name), *(WORKFLOWS_DIR / f"{p}{name}{s}" for p in ("", "vct_") for s in ("", ".json"))):
+        if cand.is_file():
+            return cand.resolve()
+    shipped = ", ".join(sorted(p.stem.removeprefix("vct_") for p in WORKFLOWS_DIR.glob("*.json")))
+    raise UsageError(f"--workflow {name}: no such file or shipped workflow (shipped: {shipped})")
+
+
+def _upstream(prompt: dict, node_id: str, input_name: str) -> list[str]:
+    """Return the ids of all nodes upstream of one input of a node, nearest first."""
+    link = prompt[node_id]["inputs"].get(input_name)
+    todo, seen = ([str(link[0])] if isinstance(link, list) else []), []
+    while todo:
+        nid = todo.pop(0)
+        if nid not in seen and nid in prompt:
+            seen.append(nid)
+            todo += [str(v[0]) for v in prompt[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return seen
+
+
+def find_image_loaders(prompt: dict) -> tuple[str, str]:
+    """Return the (source, reference) LoadImage ids: those upstream of VCTDDIMInvert's / VCTConceptLearn's latent."""
+    found = []
+    for ctype, role in (("VCTDDIMInvert", "source"), ("VCTConceptLearn", "reference")):
+        loaders = {n for k, v in prompt.items() if v["class_type"] == ctype
+                   for n in _upstream(prompt, k, "latent") if prompt[n]["class_type"] == "LoadImage"}
+        if len(loaders) != 1:
+            raise UsageError(f"cannot find the {role} image: the workflow needs exactly one LoadImage feeding "
+                             f"{ctype}'s latent (found {sorted(loaders) or 'none'})")
+        found.append(loaders.pop())
+    if found[0] == found[1]:
+        raise UsageError(f"LoadImage {found[0]} feeds both the inversion and the concept: expected two images")
+    return found[0], found[1]
+
+
+def parse_value(text: str):
+    """Return `text` as a bool (true/false), an int, a float, or else a string (surrounding quotes removed)."""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    for conv in (int, float):
+        with contextlib.suppress(ValueError):
+            return conv(text)
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Return (node class or id, input name, value) of a `--set CLASS_OR_ID.input=value` argument."""
+    key, eq, value = text.partition("=")
+    node, dot, name = key.strip().rpartition(".")
+    if not (eq and dot and node and name):
+        raise UsageError(f"--set {text!r}: expected CLASS_OR_ID.input=value, e.g. VCTConceptLearn.steps=200")
+    return node, name, parse_value(value)
+
+
+def apply_overrides(prompt: dict, overrides) -> None:
+    """Apply `--set` strings (or (node, input, value) tuples) to the prompt; raise UsageError on unknown names."""
+    for item in overrides:
+        node, name, value = parse_override(item) if isinstance(item, str) else item
+        if not _matching(prompt, node):
+            classes = ", ".join(sorted({v["class_type"] for v in prompt.values()}))
+            raise UsageError(f"--set {node}.{name}: no node with id or class {node!r} in the workflow ({classes})")
+        for k in _matching(prompt, node):
+            info = node_info(prompt[k]["class_type"])["input"]
+            known = sorted(n for s in ("required", "optional") for n in (info.get(s) or {}))
+            if name not in known:
+                raise UsageError(f"--set {node}.{name}: {prompt[k]['class_type']} has no input {name!r} "
+                                 f"(inputs: {', '.join(known)})")
+            if isinstance(prompt[k]["inputs"].get(name), list):
+                raise UsageError(f"--set {node}.{name}: that input of node {k} is connected to another node")
+            prompt[k]["inputs"][name] = value
+
+
+def stage_image(path) -> str:
+    """Copy an image into ComfyUI's input/vct/ folder (named by its content); return the LoadImage value."""
+    import folder_paths
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - any decoder error means "not an image we can load"
+        raise UsageError(f"{path}: not a readable image ({e})") from e
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    target = Path(folder_paths.get_input_directory()) / "vct" / f"{path.stem}-{digest}{path.suffix.lower()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_file():
+        shutil.copyfile(path, target)
+    return f"vct/{target.name}"
+
+
+def build_prompt(workflow, checkpoint, source, reference, overrides=()) -> dict:
+    """Return the workflow's API prompt with the checkpoint, the images (copied to input/vct/) and overrides set."""
+    try:
+        prompt = api_prompt_from_file(resolve_workflow(workflow))
+    except KeyError as e:
+        raise UsageError(f"{e.args[0]}: is the custom node pack that provides it installed?") from e
+    src_id, ref_id = find_image_loaders(prompt)
+    prompt[src_id]["inputs"]["image"], prompt[ref_id]["inputs"]["image"] = stage_image(source), stage_image(reference)
+    if checkpoint:
+        loaders = [v for v in prompt.values() if isinstance(v["inputs"].get("ckpt_name"), str)]
+        if not loaders:
+            raise UsageError("--checkpoint given, but the workflow has no checkpoint loader")
+        for v in loaders:
+            v["inputs"]["ckpt_name"] = checkpoint
+    apply_overrides(prompt, overrides)
+    return prompt
+
+
+# ---------------------------------------------------------------------------- validating and executing
+
+def _label(prompt: dict, node_id: str) -> tuple[str, str]:
+    """Return a node's class and its title as ` 'title'` when it has one of its own, else ''."""
+    node = prompt.get(node_id, {})
+    title = node.get("_meta", {}).get("title")
+    return node.get("class_type", "?"), (f" {title!r}" if title and title != node.get("class_type") else "")
+
+
+def validate(prompt: dict) -> list[str]:
+    """Return the output node ids to execute, or raise UsageError listing ComfyUI's per-node errors."""
+    import execution
+
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    if ok:
+        return outputs
+    lines = [f"invalid prompt: {error.get('message')}" + (f": {error['details']}" if error.get("details") else "")]
+    for nid, info in node_errors.items():
+        label = "".join(_label(prompt, nid)) if nid in prompt else info.get("class_type")
+        lines += [f"  node {nid} {label}: {e.get('message')}: {e.get('details')}" for e in info.get("errors", [])]
+    raise UsageError("\n".join(lines))
+
+
+class ProgressServer:
+    """The parts of ComfyUI's PromptServer the executor uses; logs a line per node started, records messages."""
+
+    def __init__(self, prompt: dict):
+        self.prompt, self.messages, self.started, self.sockets_metadata = prompt, [], 0, {}
+        self.client_id = self.last_node_id = self.last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        """Record a message; log a line when a node starts."""
+        self.messages.append((event, data))
+        if event == "executing" and isinstance(data, dict) and data.get("node") is not None:
+            self.started += 1
+            ctype, title = _label(self.prompt, str(data["node"]))
+            log.info("[%d/%d] node %s %s%s", self.started, len(self.prompt), data["node"], ctype, title)
+
+    def send_progress_text(self, text, node_id, sid=None):
+        """Log a node's progress text."""
+        log.info("  node %s: %s", node_id, text)
+
+    def queue_updated(self):
+        """Do nothing: there is no queue."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts():
+    """Yield with Ctrl-C asking ComfyUI to stop at its next step (a second Ctrl-C raises KeyboardInterrupt)."""
+    import comfy.model_management as mm
+
+    def handler(signum, frame):
+        if mm.processing_interrupted():
+            raise KeyboardInterrupt
+        log.warning("interrupting at the next step (Ctrl-C again to stop at once)")
+        mm.interrupt_current_processing(True)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, handler) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, old)
+        mm.interrupt_current_processing(False)
+
+
+def execute(prompt: dict, outputs: list[str]) -> list[Path]:
+    """Run a validated prompt with ComfyUI's PromptExecutor; return the absolute paths of the saved images."""
+    import comfy.model_management
+    import comfy.utils
+    import execution
+    import folder_paths
+    import server
+    from comfy_execution.progress import get_progress_state
+    from comfy_execution.utils import get_executing_context
+
+    progress, reported = ProgressServer(prompt), {}
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):  # as main.py's, plus a log line per 10 %
+        ctx = get_executing_context()
+        node_id = node_id if node_id is not None or ctx is None else ctx.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if node_id is not None:
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+        if total and int(10 * value / total) > reported.get(node_id, 0):
+            reported[node_id] = int(10 * value / total)
+            log.info("  node %s: %d/%d", node_id, value, total)
+
+    had_server, old_hook = hasattr(server.PromptServer, "instance"), comfy.utils.PROGRESS_BAR_HOOK
+    if not had_server:
+        server.PromptServer.instance = progress
+    comfy.utils.set_progress_bar_global_hook(hook)
+    executor = execution.PromptExecutor(progress, cache_type=execution.CacheType.CLASSIC)
+    try:
+        with _ctrl_c_interrupts():
+            executor.execute(prompt, str(uuid.uuid4()), {"client_id": "vct-run-workflow"}, outputs)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        if not had_server:
+            del server.PromptServer.instance
+    events = dict(executor.status_messages)
+    if "execution_interrupted" in events:
+        raise KeyboardInterrupt
+    if "execution_error" in events:
+        e = events["execution_error"]
+        raise ExecutionError(f"node {e.get('node_id')} ({e.get('node_type')}) failed: "
+                             f"{e.get('exception_type')}: {e.get('exception_message')}")
+    results = executor.history_result.get("outputs", {})
+    return [Path(folder_paths.get_directory_by_type("output"), item.get("subfolder", ""), item["filename"]).resolve()
+            for nid in prompt for item in results.get(nid, {}).get("images", []) if item.get("type") == "output"]
+
+
+def run(comfyui_path, workflow, checkpoint, source, reference, overrides=(), cpu=False) -> list[Path]:
+    """Bootstrap ComfyUI (unless this process has it) and run the workflow; return the saved images' paths."""
+    for role, path in (("source", source), ("reference", reference)):
+        if not Path(path).is_file():
+            raise UsageError(f"--{role} {path}: no such file")
+    bootstrap(comfyui_path, cpu=cpu)
+    ensure_pack_loaded()
+    prompt = build_prompt(workflow, checkpoint, source, reference, overrides)
+    return execute(prompt, validate(prompt))
+
+
+def main(argv=None) -> int:
+    """Run the command line; return the exit code (0 done, 1 a node failed, 2 bad input, 130 interrupted)."""
+    ap = argparse.ArgumentParser(description="Run a VCT workflow headless with your ComfyUI.")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or str(PACK_ROOT.parents[1]),
+                    help="the ComfyUI folder (default: $COMFYUI_PATH, else the one this pack is installed in)")
+    ap.add_argument("--workflow", required=True, help="subject_translation, style_transfer, or a workflow file")
+    ap.add_argument("--checkpoint", help="a file in ComfyUI's models/checkpoints (default: the workflow's)")
+    ap.add_argument("--source", required=True, help="the image whose structure is kept")
+    ap.add_argument("--reference", required=True, help="the image of the object or style to bring in")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="CLASS_OR_ID.INPUT=VALUE",
+                    help="override a node input, e.g. VCTConceptLearn.steps=200 (repeatable)")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI's --cpu)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)  # also when logging was configured before
+    try:
+        saved = run(args.comfyui, args.workflow, args.checkpoint, args.source, args.reference, args.overrides,
+                    args.cpu)
+    except (UsageError, ExecutionError) as e:
+        log.error("error: %s", e)
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    for path in saved:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
