@@ -237,6 +237,16 @@ class Denoiser:
         return self.model.model.apply_model(x, sigma, transformer_options=options, **cond)
 
 
+def training_fits(model, shape) -> bool:
+    """Return whether a forward+backward pass on a batch of `shape` likely fits in free device memory.
+
+    ComfyUI's estimate is for inference; a backward pass keeps the activations, so a generous
+    factor is applied.
+    """
+    needed = model.model.memory_required(list(shape))
+    return needed * 4 < comfy.model_management.get_free_memory(model.load_device)
+
+
 def load(model) -> None:
     """Load the model (with its weight patches applied) on its device."""
     comfy.model_management.load_models_gpu([model])

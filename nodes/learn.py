@@ -94,13 +94,15 @@ class VCTConceptLearn(io.ComfyNode):
             storage.check_name(embedding_name, "embedding_name")
         init = {e.key: text.initializer_vectors(e, initializer, num_vectors) for e in encoders}
         references = host.latent_in(model, latent, "latent")
-        config = vct_ops.ConceptConfig(
-            steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
-            prediction=host.prediction_type(model),
-        )
         device = model.load_device
         with host.training_mode():
             comfy.model_management.load_models_gpu([model, clip.patcher])
+            config = vct_ops.ConceptConfig(
+                steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
+                prediction=host.prediction_type(model),
+                # One pass over all accumulated samples when memory allows (same gradient, faster).
+                fuse_accumulation=host.training_fits(model, (grad_accum, *references.shape[1:])),
+            )
             modules = [model.model.diffusion_model] + [e.module for e in encoders]
             for module in modules:
                 host.make_autograd_safe(module)

@@ -130,3 +130,22 @@ def test_l1_term_is_the_mean_absolute_error_of_predicted_z0():
     without = vct_ops.concept_loss(model, None, z0, sigma, noise, l1_weight=0.0)
     den = model(z0 + sigma.view(-1, 1, 1, 1) * noise, sigma, None)
     torch.testing.assert_close(with_l1 - without, 2.0 * (den - z0).abs().mean())
+
+
+def test_fused_accumulation_equals_sequential_accumulation():
+    denoise, encoder, z_ref, init = make_setting()
+    sampler = vct_ops.reference_latent_sampler(z_ref, std=0.1 * torch.ones_like(z_ref))
+    runs = {}
+    for fused in (False, True):
+        config = vct_ops.ConceptConfig(steps=4, grad_accum=3, seed=11, fuse_accumulation=fused)
+        calls = []
+
+        def counting(x, sigma, cond, options=None, calls=calls):
+            calls.append(x.shape[0])
+            return denoise(x, sigma, cond, options)
+
+        runs[fused] = (vct_ops.learn_concept(counting, encoder, init, sampler, tn.sd_train_sigmas(), config), calls)
+    (sequential, seq_calls), (fused, fused_calls) = runs[False], runs[True]
+    assert seq_calls == [1] * 12 and fused_calls == [3] * 4
+    torch.testing.assert_close(fused.vectors, sequential.vectors, rtol=1e-4, atol=1e-5)
+    assert fused.losses == pytest.approx(sequential.losses, rel=1e-4)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .conditioning import Cond, cond_detach, cond_leaves, cond_map
+from .conditioning import Cond, cond_batch, cond_detach, cond_leaves, cond_map, cond_repeat
 from .ddim import Denoiser
 from .validate import check_finite, check_latent, check_steps
 
@@ -37,6 +37,10 @@ class ConceptConfig:
     eps: float = 1e-8
     prediction: str = "eps"
     seed: int = 0
+    # Run the accumulated micro-batches as one batch through the model: the same loss and
+    # gradient (the mean over equal-sized micro-batches), one text-encoder pass instead of
+    # grad_accum, and better device utilisation; costs grad_accum times the activation memory.
+    fuse_accumulation: bool = False
 
     def effective_lr(self) -> float:
         """Return the learning rate used, scaled by accumulation and batch as the reference does."""
@@ -98,6 +102,8 @@ def concept_loss(
         raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
     s = sigma.view(-1, *([1] * (z0.dim() - 1))).to(z0)
     x = z0 + s * noise
+    if cond is not None and cond_batch(cond) == 1 and z0.shape[0] > 1:
+        cond = cond_repeat(cond, z0.shape[0])
     denoised = denoise(x, sigma.to(z0), cond, None)
     eps_hat = (x - denoised) / s
     if prediction == "eps":
@@ -109,6 +115,15 @@ def concept_loss(
     if l1_weight:
         loss = loss + l1_weight * torch.mean(torch.abs(denoised - z0))
     return loss
+
+
+def _draw(sample_latent: LatentSampler, generator: torch.Generator, train_sigmas: torch.Tensor, rows: int):
+    # One micro-batch: latents (with their flips), uniform training timesteps and noise, in a fixed
+    # order so fused and sequential accumulation see the same draws.
+    z0 = torch.cat([sample_latent(generator) for _ in range(rows)])
+    timesteps = torch.randint(0, train_sigmas.numel(), (rows,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator).to(z0)
+    return z0, train_sigmas[timesteps].to(device=z0.device), noise
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,7 +143,8 @@ def learn_concept(
     """Return concept vectors learned by textual inversion on the reference latent, with the loss history.
 
     Each optimisation step accumulates `grad_accum` micro-batches of `batch_size` rows, each with
-    a uniformly drawn training timestep and fresh noise; AdamW updates only the vectors.
+    a uniformly drawn training timestep and fresh noise (in one model pass when
+    `fuse_accumulation`); AdamW updates only the vectors.
     Seeded: the same seed, inputs and device give the same vectors.
     """
     check_steps("steps", config.steps, low=1, high=100_000)
@@ -145,21 +161,18 @@ def learn_concept(
         params, lr=config.effective_lr(), betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
     losses: list[float] = []
-    num_train = train_sigmas.numel()
     with torch.enable_grad():
         for step in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
+            draws = [_draw(sample_latent, generator, train_sigmas, config.batch_size) for _ in range(config.grad_accum)]
+            groups = [tuple(torch.cat(parts) for parts in zip(*draws))] if config.fuse_accumulation else draws
             total = 0.0
-            for _ in range(config.grad_accum):
-                z0 = torch.cat([sample_latent(generator) for _ in range(config.batch_size)])
-                timesteps = torch.randint(0, num_train, (config.batch_size,), generator=generator)
-                noise = torch.randn(z0.shape, generator=generator).to(z0)
-                sigma = train_sigmas[timesteps].to(device=z0.device)
+            for z0, sigma, noise in groups:
                 cond = encode(cond_map(partial(_cast, dtype=z0.dtype), vectors))
                 loss = concept_loss(denoise, cond, z0, sigma, noise, config.prediction, config.l1_weight)
-                (loss / config.grad_accum).backward()
+                (loss / len(groups)).backward()
                 total += loss.item()
-            mean_loss = total / config.grad_accum
+            mean_loss = total / len(groups)
             if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
                 raise ValueError(
                     f"concept loss became {mean_loss} at step {step + 1}; lower the learning rate or run in float32"
