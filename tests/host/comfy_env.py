@@ -146,7 +146,8 @@ def _bootstrap(path: Path, session_dir) -> ComfyEnv:
     # The order of these imports matters (see the module doc); keep isort away from it.
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    # The host tier runs on the CPU; the benchmark sets VCT_BENCH_DEVICE=cuda to use a GPU.
+    comfy.cli_args.args.cpu = os.environ.get("VCT_BENCH_DEVICE", "cpu") == "cpu"
     import comfy.model_management  # noqa: F401  (reads args.cpu now)
 
     # isort: split
