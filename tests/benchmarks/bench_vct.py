@@ -45,10 +45,11 @@ class Config:
     name: str
     fuse_accumulation: bool
     store_attention: bool
+    half_precision: bool  # compute in float16 on a GPU (ComfyUI's default for SD1.5); the CPU stays in float32
 
 
-REFERENCE = Config("reference", fuse_accumulation=False, store_attention=True)
-OURS = Config("ours", fuse_accumulation=True, store_attention=False)
+REFERENCE = Config("reference", fuse_accumulation=False, store_attention=True, half_precision=False)
+OURS = Config("ours", fuse_accumulation=True, store_attention=False, half_precision=True)
 
 
 class PeakMemory:
@@ -173,6 +174,11 @@ def run_config(pack, cfg: Config, model, clip, source_latent, reference_latent, 
 
     vct, host, text, sample = pack.vct_ops, pack.host, pack.text, pack.sample
     device = model.load_device
+    model = model.clone()
+    if cfg.half_precision and device.type == "cuda":
+        model.set_model_compute_dtype(torch.float16)  # weights cast per layer; learned tensors stay float32
+    elif not cfg.half_precision:
+        model.set_model_compute_dtype(torch.float32)
     results, out = {}, {}
     z0 = host.latent_in(model, source_latent, "source")
     empty = encode(clip, "")
