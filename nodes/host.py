@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import uuid
 from typing import Callable, Iterator, Optional
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -48,18 +49,55 @@ def check_family(model, node: str) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """Return a content hash of the model's weights (sampled) and its weight patches (LoRA etc.)."""
+    """Return a hash of the model's base weights (sampled) and its weight patches (LoRA etc.).
+
+    Independent of load state: where ComfyUI has applied patches in place, the saved originals
+    (`backup`) are hashed, and the patches are hashed from their own strengths and tensors.
+    """
     digest = hashlib.sha256(family_name(model).encode())
     params = list(model.model.diffusion_model.named_parameters())
+    backup = getattr(model, "backup", {})
     for name, p in params[:: max(1, len(params) // 16)]:
+        saved = backup.get(f"diffusion_model.{name}")
+        tensor = saved.weight if saved is not None else p
         digest.update(name.encode())
-        digest.update(str(tuple(p.shape)).encode())
-        sample = p.detach().flatten()[:64].to(device="cpu", dtype=torch.float32)
-        digest.update(sample.numpy().tobytes())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(_sample(tensor))
     for key in sorted(model.patches):
         digest.update(key.encode())
-        digest.update(str([entry[0] for entry in model.patches[key]]).encode())
+        for entry in model.patches[key]:
+            digest.update(str((entry[0], entry[2])).encode())  # patch and model strengths
+            digest.update(_sample(_first_tensor(entry[1])))
     return digest.hexdigest()[:16]
+
+
+def _sample(tensor) -> bytes:
+    if tensor is None:
+        return b""
+    return tensor.detach().flatten()[:64].to(device="cpu", dtype=torch.float32).numpy().tobytes()
+
+
+def _first_tensor(value):
+    if torch.is_tensor(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return getattr(value, "weights", None) and _first_tensor(value.weights)
+
+
+IGNORED_CONDITIONING = ("control", "area", "mask", "strength", "hooks", "start_percent", "end_percent", "gligen")
+IGNORED_MODEL_OPTIONS = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function")
+
+
+def warn_ignored_model_options(model, node: str) -> None:
+    """Log a warning naming the CFG hooks on the model (e.g. from SAG or RescaleCFG) that VCT's own CFG does not run."""
+    present = [key for key in IGNORED_MODEL_OPTIONS if model.model_options.get(key)]
+    if present:
+        log.warning("%s: ignoring %s set by other nodes on this model; VCT computes CFG itself",
+                    node, ", ".join(present))
 
 
 def train_sigmas(model) -> torch.Tensor:
@@ -93,6 +131,9 @@ def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = 
             "(remove ConditioningCombine/Concat before this node)"
         )
     tensor, extra = conditioning[0][0], conditioning[0][1]
+    ignored = [key for key in IGNORED_CONDITIONING if extra.get(key) is not None]
+    if ignored:
+        log.warning("%s: ignoring %s on this conditioning (VCT does not apply them)", name, ", ".join(ignored))
     if not torch.is_tensor(tensor) or tensor.dim() != 3:
         raise ValueError(f"{name} must be a [batch, tokens, width] text conditioning")
     check_conditioning_width(model, tensor, name)
@@ -183,13 +224,17 @@ class Denoiser:
     `cond` is the dict `model_cond` returns (`c_crossattn`, and `y` for SDXL).
     """
 
-    def __init__(self, model, gradients: bool = False) -> None:
+    def __init__(self, model, gradients: bool = False, sample_sigmas: Optional[torch.Tensor] = None) -> None:
         """Wrap `model` (already loaded on its device); with `gradients`, attention runs a path that backpropagates."""
         self.model = model
         self.device = model.load_device
         self.base_options = model.model_options.get("transformer_options", {})
         self.wrapper = model.model_options.get("model_function_wrapper")
         self.gradients = gradients
+        self.sample_sigmas = sample_sigmas
+        # Stable ids for the conditional and unconditional inputs, as ComfyUI's samplers give
+        # other packs' patches (e.g. caches keyed by cond).
+        self.uuids = {0: uuid.uuid4(), 1: uuid.uuid4()}
         self.calls = 0
 
     def __call__(self, x, sigma, cond, transformer_options=None):
@@ -212,6 +257,7 @@ class Denoiser:
                 if rows:
                     part = dict(options)
                     part[ROLES_KEY] = [roles[i] for i in rows]
+                    part["sigmas"] = sigma[rows]
                     part_cond = {key: value[rows] for key, value in cond.items()}
                     out[rows] = self._call(x[rows], sigma[rows], part_cond, part).to(out.dtype)
             return out
@@ -223,10 +269,17 @@ class Denoiser:
         return needed * 1.5 < comfy.model_management.get_free_memory(self.device)
 
     def _call(self, x, sigma, cond, options):
+        # The keys ComfyUI's samplers always give other packs' patches (Deep Shrink reads sigmas,
+        # SAG cond_or_uncond, caches uuids, hooks sample_sigmas).
         roles = options.get(ROLES_KEY)
         if roles is not None:
-            # Tell other packs' patches which rows are unconditional, in ComfyUI's own terms.
             options["cond_or_uncond"] = [1 if r == ROLE_UNCOND else 0 for r in roles]
+        else:
+            options.setdefault("cond_or_uncond", [0] * x.shape[0])
+        options.setdefault("sigmas", sigma)
+        options["uuids"] = [self.uuids[c] for c in options["cond_or_uncond"]]
+        if self.sample_sigmas is not None:
+            options.setdefault("sample_sigmas", self.sample_sigmas)
         self.calls += 1
         if self.wrapper is not None:
             return self.wrapper(

@@ -63,8 +63,9 @@ class VCTDDIMInvert(io.ComfyNode):
             ],
             outputs=[
                 Inversion.Output("inversion", tooltip="The inversion path; feed it to VCT Content Null-Text Invert."),
-                io.Latent.Output("noise", tooltip="The inverted noise z*_T. KSamplerAdvanced with add_noise "
-                                 "disabled starts exactly from it."),
+                io.Latent.Output("noise", tooltip="The inverted noise z*_T as a sampler state at the schedule's "
+                                 "first sigma (t = 980 for 50 steps), for samplers started at that sigma with "
+                                 "add_noise disabled."),
             ],
         )
 
@@ -81,7 +82,8 @@ class VCTDDIMInvert(io.ComfyNode):
         device = model.load_device
         progress = host.Progress(steps)
         trajectory = vct_ops.ddim_invert(
-            host.Denoiser(model), vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
+            host.Denoiser(model, sample_sigmas=sigmas.to(device)), vct_ops.latent_to_x(z0.to(device), sigmas[-1]),
+            sigmas.to(device),
             cond, callback=host.step_callback(progress),
         )
         data = InversionData(
@@ -158,7 +160,7 @@ class VCTNullTextInvert(io.ComfyNode):
             start = inversion.source_cond if method == "negative_prompt" else init
             result = vct_ops.fixed_null_embeddings(start, inversion.steps)
             tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings), null_losses=[],
-                                        method=method)
+                                        method=method, cfg=cfg)
             return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
         device = model.load_device
         with host.training_mode():
@@ -167,7 +169,7 @@ class VCTNullTextInvert(io.ComfyNode):
             host.make_autograd_safe(unet)
             with frozen(unet):
                 result = vct_ops.null_text_invert(
-                    host.Denoiser(model, gradients=True),
+                    host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device)),
                     inversion.trajectory.clone().to(device),
                     inversion.sigmas.clone().to(device),
                     {key: value.clone().to(device) for key, value in inversion.source_cond.items()},
@@ -178,6 +180,6 @@ class VCTNullTextInvert(io.ComfyNode):
                     progress=host.Progress(inversion.steps * inner_steps),
                 )
         tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings),
-                                    null_losses=result.losses, method="null_text")
+                                    null_losses=result.losses, method="null_text", cfg=cfg)
         plot = loss_curve(result.losses, "null-text loss per step")
         return io.NodeOutput(tuned, plot)

@@ -25,6 +25,7 @@ class InversionData:
     null_embeddings: Optional[dict] = None  # like source_cond, each tensor with a leading step dimension
     null_losses: Optional[list] = None
     method: str = "ddim"
+    cfg: float = 7.5  # the CFG scale the null embeddings were made for
 
     @property
     def steps(self) -> int:

@@ -17,9 +17,12 @@ log = logging.getLogger("ComfyUI-VCT")
 DEFAULT_CONCEPT_TOKENS = 3
 
 
-def _comfy_attention(q, k, v, heads):
-    # ComfyUI's fastest attention for this device, for every row VCT does not change.
-    return comfy_attention.optimized_attention(q, k, v, heads)
+def _comfy_attention(q, k, v, heads, extra_options):
+    # ComfyUI's fastest attention for this device, for every row VCT does not change; the
+    # layer's precision (SD2.x asks for float32) is honoured as in ComfyUI's own layers.
+    return comfy_attention.optimized_attention(
+        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+    )
 
 
 def injection_config(source: torch.Tensor, concept: list, self_fraction: float, cross_fraction: float,
@@ -118,14 +121,18 @@ class VCTDualBranchSampler(io.ComfyNode):
         preview = latent_preview.prepare_callback(patched, steps)
         progress = host.Progress(steps)
 
-        def on_step(step: int, total: int, x: torch.Tensor) -> None:
-            progress(step, total)
-            preview(step - 1, x, x, total)
+        def on_preview(step: int, total: int, denoised: torch.Tensor) -> None:
+            # Like ComfyUI's samplers: the preview shows the current clean-latent estimate.
+            preview(step - 1, denoised, denoised, total)
 
+        if abs(cfg - inversion.cfg) > 1e-6 and inversion.method == "null_text":
+            log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
+                        "will drift", node, inversion.cfg, cfg)
+        host.warn_ignored_model_options(model, node)
         result = vct_ops.dual_branch_sample(
             host.Denoiser(patched), inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
             source, cond, inversion.null_list(), guidance=cfg,
-            callback=on_step,
+            callback=host.step_callback(progress), preview=on_preview,
             ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
         )
         end = inversion.sigmas[-1]

@@ -81,7 +81,7 @@ def save_inversion(data: InversionData, prefix: str) -> str:
         tensors.update({f"null_embeddings.{k}": v for k, v in data.null_embeddings.items()})
     metadata = {
         "format": FORMAT, "model_fingerprint": data.model_fingerprint, "family": data.family, "method": data.method,
-        "null_losses": json.dumps(data.null_losses),
+        "null_losses": json.dumps(data.null_losses), "cfg": str(data.cfg),
     }
     path = os.path.join(inversion_folder(), f"{prefix}_{number:05d}.safetensors")
     return atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, path, metadata)
@@ -104,7 +104,7 @@ def load_inversion(filename: str) -> InversionData:
         trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], source_cond=_group(tensors, "source_cond."),
         source_latent=tensors["source_latent"], model_fingerprint=metadata["model_fingerprint"],
         family=metadata["family"], null_embeddings=nulls or None, null_losses=losses,
-        method=metadata.get("method", "ddim"),
+        method=metadata.get("method", "ddim"), cfg=float(metadata.get("cfg", 7.5)),
     )
 
 

@@ -149,3 +149,18 @@ def test_fused_accumulation_equals_sequential_accumulation():
     assert seq_calls == [1] * 12 and fused_calls == [3] * 4
     torch.testing.assert_close(fused.vectors, sequential.vectors, rtol=1e-4, atol=1e-5)
     assert fused.losses == pytest.approx(sequential.losses, rel=1e-4)
+
+
+def test_loss_scaling_changes_nothing_in_float32_and_skips_overflowing_steps():
+    denoise, encoder, z_ref, init = make_setting()
+    sampler = vct_ops.reference_latent_sampler(z_ref)
+    run = lambda scale: vct_ops.learn_concept(  # noqa: E731
+        denoise, encoder, init, sampler, tn.sd_train_sigmas(), vct_ops.ConceptConfig(steps=3, seed=2, loss_scale=scale)
+    )
+    torch.testing.assert_close(run(2.0**14).vectors, run(1.0).vectors, rtol=1e-5, atol=1e-6)
+    scaler = vct_ops.LossScale(8.0)
+    p = torch.zeros(2, requires_grad=True)
+    scaler.backward((p * torch.tensor([1.0, float("inf")])).sum())
+    assert not scaler.unscale([p]) and p.grad is None and scaler.scale == 4.0
+    scaler.backward((p * 3.0).sum())
+    assert scaler.unscale([p]) and torch.equal(p.grad, torch.tensor([3.0, 3.0]))

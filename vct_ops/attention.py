@@ -19,7 +19,8 @@ from .schedule import window_sigma
 ROLES_KEY = "vct_roles"
 ROLE_UNCOND, ROLE_REF, ROLE_MAIN = "uncond", "ref", "main"
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (q, k, v, heads, extra_options) -> out; extra_options lets a host honour e.g. attn_precision.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
 ReplaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
@@ -33,7 +34,9 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(rows, tokens, heads * dim)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: Optional[dict] = None
+) -> torch.Tensor:
     """Return softmax(q k^T / sqrt(d)) v for `[rows, tokens, heads * d]` inputs, via PyTorch's fused kernel."""
     out = torch.nn.functional.scaled_dot_product_attention(
         _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
@@ -42,8 +45,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Return the attention probabilities `[rows, heads, queries, keys]`."""
-    qh, kh = _split_heads(q, heads), _split_heads(k, heads)
+    """Return the attention probabilities `[rows, heads, queries, keys]`, computed in at least float32."""
+    dtype = torch.promote_types(q.dtype, torch.float32)  # half-precision logits can overflow
+    qh, kh = _split_heads(q, heads).to(dtype), _split_heads(k, heads).to(dtype)
     scale = qh.shape[-1] ** -0.5
     return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)
 
@@ -153,7 +157,7 @@ class AttentionController:
     def _plain(self, q, k, v, extra_options, prev: Optional[ReplaceFn]) -> torch.Tensor:
         if prev is not None:
             return prev(q, k, v, extra_options)
-        return self.attention(q, k, v, extra_options["n_heads"])
+        return self.attention(q, k, v, extra_options["n_heads"], extra_options)
 
     def self_active(self, extra_options: dict, queries: int) -> bool:
         """Return whether self-attention injection applies at this call's step, for a layer of `queries` tokens."""
@@ -242,3 +246,13 @@ class AttentionPatch:
         if self.kind == "attn1":
             return self.controller.self_attention(q, k, v, extra_options, self.prev)
         return self.controller.cross_attention(q, k, v, extra_options, self.prev)
+
+    def to(self, device) -> "AttentionPatch":
+        """Move the wrapped patch (if it holds tensors) to `device`, as hosts do with patches; return self."""
+        if hasattr(self.prev, "to"):
+            self.prev = self.prev.to(device)
+        return self
+
+    def models(self) -> list:
+        """Return the models the wrapped patch needs loaded (hosts ask patches this)."""
+        return self.prev.models() if hasattr(self.prev, "models") else []

@@ -14,6 +14,7 @@ import torch
 
 from .conditioning import Cond, cond_batch, cond_detach, cond_leaves, cond_map, cond_repeat
 from .ddim import Denoiser
+from .scaling import LossScale
 from .validate import check_finite, check_latent, check_steps
 
 LatentSampler = Callable[[torch.Generator], torch.Tensor]
@@ -41,6 +42,8 @@ class ConceptConfig:
     # gradient (the mean over equal-sized micro-batches), one text-encoder pass instead of
     # grad_accum, and better device utilisation; costs grad_accum times the activation memory.
     fuse_accumulation: bool = False
+    # Dynamic loss scaling, so a half-precision model keeps the small gradients (no effect in float32).
+    loss_scale: float = 2.0**14
 
     def effective_lr(self) -> float:
         """Return the learning rate used, scaled by accumulation and batch as the reference does."""
@@ -161,6 +164,7 @@ def learn_concept(
         params, lr=config.effective_lr(), betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
     losses: list[float] = []
+    scaler = LossScale(config.loss_scale)
     with torch.enable_grad():
         for step in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
@@ -170,14 +174,15 @@ def learn_concept(
             for z0, sigma, noise in groups:
                 cond = encode(cond_map(partial(_cast, dtype=z0.dtype), vectors))
                 loss = concept_loss(denoise, cond, z0, sigma, noise, config.prediction, config.l1_weight)
-                (loss / len(groups)).backward()
+                scaler.backward(loss, divide=len(groups))
                 total += loss.item()
             mean_loss = total / len(groups)
             if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
                 raise ValueError(
                     f"concept loss became {mean_loss} at step {step + 1}; lower the learning rate or run in float32"
                 )
-            optimizer.step()
+            if scaler.unscale(params):
+                optimizer.step()
             losses.append(mean_loss)
             if progress is not None:
                 progress(step + 1, config.steps)

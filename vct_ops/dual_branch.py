@@ -37,6 +37,7 @@ def dual_branch_sample(
     transformer_options: Optional[dict] = None,
     callback: Optional[StepCallback] = None,
     ref_trajectory: Optional[torch.Tensor] = None,
+    preview: Optional[StepCallback] = None,
 ) -> DualBranchResult:
     """Return B and B* after sampling both from `x_T` with CFG, one four-row model call per step.
 
@@ -44,6 +45,7 @@ def dual_branch_sample(
     patches) is passed through with the row roles, the current sigma and the schedule added.
     With `ref_trajectory` (the inversion trajectory, clean first), B* is put back on it after
     every step: Direct Inversion (Ju et al., ICLR 2024), an exact B* with no optimisation.
+    `preview` receives B's guided clean-latent estimate after every model call.
     """
     check_latent("x_T", x_T)
     check_sigmas("sigmas", sigmas)
@@ -79,8 +81,11 @@ def dual_branch_sample(
                     options,
                 )
                 u_ref, u_main, c_ref, c_main = den.chunk(4)
+                den_main = cfg(u_main, c_main, guidance)
                 x_ref = ddim_step(x_ref, sigma, sigma_next, cfg(u_ref, c_ref, guidance))
-                x_main = ddim_step(x_main, sigma, sigma_next, cfg(u_main, c_main, guidance))
+                x_main = ddim_step(x_main, sigma, sigma_next, den_main)
+                if preview is not None:
+                    preview(i + 1, steps, den_main)
             if ref_trajectory is not None:
                 # Adding (target - x_ref) lands B* on the trajectory exactly; B keeps its own path.
                 x_ref = ref_trajectory[steps - i - 1].to(x_ref)

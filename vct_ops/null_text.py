@@ -14,6 +14,7 @@ import torch
 
 from .conditioning import Cond, cond_detach, cond_leaves, cond_map
 from .ddim import Denoiser, _match_batch, _sigma_batch, cfg, ddim_step
+from .scaling import LossScale
 from .validate import check_finite, check_sigmas, check_steps
 
 ProgressCallback = Callable[[int, int], None]
@@ -46,6 +47,7 @@ def null_text_invert(
     early_stop_slope: float = 2e-5,
     learning_rate: float = 1e-2,
     progress: Optional[ProgressCallback] = None,
+    loss_scale: float = 2.0**14,
 ) -> NullTextResult:
     """Return the per-step null embeddings that make CFG sampling from `trajectory[-1]` retrace `trajectory`.
 
@@ -53,7 +55,8 @@ def null_text_invert(
     first) Adam runs with lr `learning_rate * (1 - i / 100)` for at most `inner_steps`
     iterations and stops once the loss is below `early_stop + i * early_stop_slope`, as the
     reference code does. Only the null embedding receives gradients; the conditional prediction
-    is computed once per step without gradient.
+    is computed once per step without gradient. Gradients go through a dynamic `loss_scale` so a
+    half-precision model does not flush them to zero (no effect in float32).
     """
     check_sigmas("sigmas", sigmas)
     steps = sigmas.numel() - 1
@@ -71,6 +74,7 @@ def null_text_invert(
     losses: list[float] = []
     iterations: list[int] = []
     total = steps * inner_steps
+    scaler = LossScale(loss_scale)
     x = trajectory[-1].detach().clone()
 
     with torch.enable_grad():
@@ -98,8 +102,9 @@ def null_text_invert(
                 x_prev = ddim_step(x, sigma, sigma_next, cfg(den_uncond, den_cond, guidance))
                 loss = _z_space_mse(x_prev, target, sigma_next)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                if scaler.unscale(cond_leaves(phi)):
+                    optimizer.step()
                 loss_value = loss.item()
                 used = j + 1
                 if progress is not None:

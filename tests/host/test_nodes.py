@@ -360,3 +360,37 @@ def test_content_inversion_methods_costs_and_errors(pack, setup):
     assert figures["negative_prompt"][:2] == (0, 0) and figures["direct"][:2] == (0, 0)
     assert figures["direct"][2] < 1e-8, "direct inversion rebuilds the source exactly"
     assert figures["null_text"][2] < figures["negative_prompt"][2]
+
+
+def test_fingerprint_is_stable_across_loading_and_tells_patches_apart(pack, setup):
+    import comfy.model_management
+
+    host = pack.host
+    base = setup["model"]
+    key = next(k for k in base.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    shape = base.model_state_dict()[key].shape
+    patched = base.clone()
+    patched.add_patches({key: (torch.full(shape, 0.5),)}, 1.0)
+    other = base.clone()
+    other.add_patches({key: (torch.full(shape, -0.5),)}, 1.0)
+    before = host.model_fingerprint(patched)
+    comfy.model_management.load_models_gpu([patched])
+    loaded = host.model_fingerprint(patched)
+    comfy.model_management.unload_all_models()
+    after = host.model_fingerprint(patched)
+    assert before == loaded == after
+    assert len({before, host.model_fingerprint(base), host.model_fingerprint(other)}) == 3
+
+
+def test_nodes_run_on_models_patched_by_core_nodes(pack, setup):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+    model = setup["model"]
+    # Deep Shrink reads transformer_options["sigmas"]; SAG reads cond_or_uncond and logs a warning.
+    shrunk = PatchModelAddDownscale.execute(model, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").args[0]
+    inversion, _ = pack.run("VCTDDIMInvert", shrunk, setup["latent"], setup["source"], 4)
+    assert torch.isfinite(inversion.trajectory).all()
+    sag = SelfAttentionGuidance.execute(model, 0.5, 2.0).args[0]
+    inversion, _ = pack.run("VCTDDIMInvert", sag, setup["latent"], setup["source"], 4)
+    assert torch.isfinite(inversion.trajectory).all()
