@@ -292,6 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--inner-steps", type=int, default=50, help="null-text iterations per step at most")
     parser.add_argument("--concept-steps", type=int, default=500, help="concept-learning steps")
+    parser.add_argument("--config", choices=["both", "reference", "ours"], default="both",
+                        help="one configuration only: on the CPU, peak memory is only comparable between processes")
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("set COMFYUI_PATH or pass --comfyui")
@@ -309,9 +311,17 @@ def main(argv=None) -> int:
           f"{args.inner_steps} inner, {args.concept_steps} concept steps")
     results, outputs = {}, {}
     for cfg in (REFERENCE, OURS):
-        with torch.inference_mode():
-            results[cfg.name], outputs[cfg.name] = run_config(pack, cfg, model, clip, source, reference, args)
-    print_table(results, outputs)
+        if args.config in ("both", cfg.name):
+            with torch.inference_mode():
+                results[cfg.name], outputs[cfg.name] = run_config(pack, cfg, model, clip, source, reference, args)
+    if args.config == "both":
+        print_table(results, outputs)
+    else:
+        for stage_name, figures in results[args.config].items():
+            print(f"{stage_name:<14}{args.config:<11}{figures['time_s']:>10.3f}{figures['forward']:>10}"
+                  f"{figures['forward_backward']:>10}{figures['peak_mb']:>10.0f}")
+        quality = {k: v for k, v in outputs[args.config].items() if isinstance(v, float)}
+        print(f"quality: {quality}")
     return 0
 
 
