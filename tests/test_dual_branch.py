@@ -168,3 +168,19 @@ def test_negative_prompt_inversion_reduces_cfg_to_the_inverted_prediction(settin
     out = vct_ops.dual_branch_sample(denoise, trajectory[-1], sigmas, c_src, c_concept, nulls.embeddings, 7.5)
     guidance_one = vct_ops.ddim_sample(denoise, trajectory[-1], sigmas, c_src)
     torch.testing.assert_close(out.ref, guidance_one, rtol=1e-9, atol=1e-9)
+
+
+def test_no_attention_maps_are_kept_across_steps(setting):
+    denoise, sigmas, x_T, c_src, c_concept, nulls = setting
+    config = vct_ops.InjectionConfig()
+    config.mapper, config.alphas = vct_ops.refine_mapping([0, 1], [0, -1, -2, 1], 32)
+    ctl = vct_ops.AttentionController(sigmas, config)
+    options = patched(ctl)
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(ctl).items()}
+    vct_ops.dual_branch_sample(denoise, x_T, sigmas, c_src, c_concept, nulls, 7.5, options)
+    after = vars(ctl)
+    assert set(after) == set(before), "the controller gained state during sampling"
+    for key, value in after.items():
+        assert not torch.is_tensor(value) or torch.equal(value, before[key]), key
+    patches = [p for kind in options["patches_replace"].values() for p in kind.values()]
+    assert all(set(vars(p)) == {"controller", "kind", "prev"} for p in patches)
