@@ -38,18 +38,42 @@ FULL_SD15_UNET = {
 }
 
 
+FULL_SD_VAE = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+TINY_VAE = dict(FULL_SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
+# A trained SD VAE's posterior is narrow (log-variance around -10 on natural images); random
+# weights would give a log-variance near 0, i.e. a latent drowned in its own sampling noise.
+POSTERIOR_LOGVAR = -10.0
+
+
 @dataclasses.dataclass
 class Config:
     """One side of the comparison."""
 
     name: str
-    fuse_accumulation: bool
-    store_attention: bool
-    half_precision: bool  # compute in float16 on a GPU (ComfyUI's default for SD1.5); the CPU stays in float32
+    # Reproduce the reference code: float32 everywhere; attention as explicit softmax maps
+    # (diffusers 0.10 and prompt-to-prompt's controller); UNet weights left trainable during
+    # null-text, so every backward also computes and accumulates their gradients; the CFG latent
+    # update after each null-text step as a 2-row call; the VAE encoding (and posterior sample) of
+    # the flipped reference image at every accumulation micro-batch, each with its own text-encoder
+    # pass; every conditional attention map of at most 32x32 queries kept, summed over steps.
+    reference: bool
 
 
-REFERENCE = Config("reference", fuse_accumulation=False, store_attention=True, half_precision=False)
-OURS = Config("ours", fuse_accumulation=True, store_attention=False, half_precision=True)
+REFERENCE = Config("reference", reference=True)
+OURS = Config("ours", reference=False)
+
+
+@dataclasses.dataclass
+class Models:
+    """One configuration's model, CLIP and VAE module, built from the same seeded weights."""
+
+    model: object
+    clip: object
+    vae: torch.nn.Module
+    dtype: torch.dtype
 
 
 class PeakMemory:
@@ -98,54 +122,155 @@ class Counting:
         return self.denoise(x, sigma, cond, options)
 
 
+def explicit_attention(func, q, k, v, heads, *args, **kwargs):
+    """ComfyUI attention override: softmax(q k^T) materialised, as the reference code's attention computes it."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    # attention_basic is itself wrapped; the wrapper's own marker in kwargs keeps it from recursing.
+    return comfy_attention.attention_basic(q, k, v, heads, *args, **kwargs)
+
+
+def reference_attention(model):
+    """Return a clone of `model` whose every attention call materialises its maps."""
+    clone = model.clone()
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = explicit_attention
+    return clone
+
+
 def attention_store(pack, model, limit):
-    """Return a clone of `model` that keeps every conditional self-attention map of at most `limit` queries, summed
-    over steps, as the reference code's (unused) AttentionStore does."""
+    """Return (a clone of `model` whose attention keeps the conditional rows' maps of at most `limit` queries,
+    summed over steps, like prompt-to-prompt's AttentionStore, and the store)."""
+    vct = pack.vct_ops
     store = {}
     clone = model.clone()
 
     def make(key):
         def patch(q, k, v, extra):
             heads = extra["n_heads"]
+            probs = vct.attention_probs(q, k, heads)
             if q.shape[1] <= limit:
                 half = q.shape[0] // 2
-                probs = pack.vct_ops.attention_probs(q[half:], k[half:], heads)
-                store[key] = store.get(key, 0) + probs
-            return pack.vct_ops.sdpa_attention(q, k, v, heads)
+                store[key] = store.get(key, 0) + probs[half:]
+            return vct.apply_probs(probs, v, heads)
         return patch
 
     for key in pack.host.transformer_block_keys(clone):
-        clone.set_model_patch_replace(make(key), "attn1", *key)
+        for kind in ("attn1", "attn2"):
+            clone.set_model_patch_replace(make((kind, *key)), kind, *key)
     return clone, store
 
 
-def build(args):
-    """Return (model, clip, latent source, latent reference) for the chosen model."""
+def resolve_dtypes(args, reference: bool):
+    """Return (UNet, text encoder, VAE) dtypes: float32 for the reference, else ComfyUI's choice for the device."""
+    import comfy.model_management as mm
+    import comfy.supported_models
+
+    if reference:
+        return torch.float32, torch.float32, torch.float32
+    device = mm.get_torch_device()
+    if args.ours_dtype != "auto":
+        unet = getattr(torch, args.ours_dtype)
+    else:
+        unet = mm.unet_dtype(device, 860_000_000, comfy.supported_models.SD15.supported_inference_dtypes)
+    return unet, mm.text_encoder_dtype(device), mm.vae_dtype(device)
+
+
+def build(args, reference: bool) -> Models:
+    """Return the configuration's models; weights are drawn in float32 from fixed seeds, then cast."""
+    import comfy.ldm.models.autoencoder
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
     import comfy_tiny
 
-    size = args.size // 8
-    g = torch.Generator().manual_seed(0)
-    latents = [{"samples": torch.randn(1, 4, size, size, generator=g)} for _ in range(2)]
-    if args.checkpoint:
-        model, clip, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False)[:3]
-        return model, clip, *latents
-    if args.model == "tiny":
-        return comfy_tiny.tiny_sd15_model(), comfy_tiny.tiny_sd1_clip(), *latents
-    config = comfy.supported_models.SD15(dict(FULL_SD15_UNET))
-    config.unet_config.update(num_heads=8, num_head_channels=-1)
+    unet_dtype, clip_dtype, vae_dtype = resolve_dtypes(args, reference)
     device = comfy.model_management.get_torch_device()
-    config.set_inference_dtype(torch.float32, None)
-    unet = config.get_model({}, "", device=torch.device("cpu"))
-    comfy_tiny.init_tiny_weights_(unet.diffusion_model, 0)
-    model = comfy.model_patcher.ModelPatcher(unet, load_device=device,
-                                             offload_device=comfy.model_management.unet_offload_device())
-    clip = comfy.sd.CLIP(config.clip_target(), parameters=123_000_000, model_options={"dtype": torch.float32})
-    comfy_tiny.init_tiny_weights_(clip.cond_stage_model, 1)
-    return model, clip, *latents
+    if args.checkpoint:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            args.checkpoint, output_vae=True, model_options={"dtype": unet_dtype},
+            te_model_options={"dtype": clip_dtype})[:3]
+        return Models(model, clip, vae.first_stage_model.to(device, vae_dtype), unet_dtype)
+    if args.model == "tiny":
+        model, clip = comfy_tiny.tiny_sd15_model(dtype=unet_dtype), comfy_tiny.tiny_sd1_clip(dtype=clip_dtype)
+        ddconfig = TINY_VAE
+    else:
+        config = comfy.supported_models.SD15(dict(FULL_SD15_UNET))
+        config.unet_config.update(num_heads=8, num_head_channels=-1)
+        config.set_inference_dtype(unet_dtype, None)
+        unet = config.get_model({}, "", device=torch.device("cpu"))
+        comfy_tiny.init_tiny_weights_(unet.diffusion_model, 0)
+        model = comfy.model_patcher.ModelPatcher(unet, load_device=device,
+                                                 offload_device=comfy.model_management.unet_offload_device())
+        clip = comfy.sd.CLIP(config.clip_target(), parameters=123_000_000, model_options={"dtype": clip_dtype})
+        comfy_tiny.init_tiny_weights_(clip.cond_stage_model, 1)
+        ddconfig = FULL_SD_VAE
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(ddconfig), embed_dim=4)
+    comfy_tiny.init_tiny_weights_(vae, 2)
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] = POSTERIOR_LOGVAR
+    return Models(model, clip, vae.to(device, vae_dtype).eval(), unet_dtype)
+
+
+def inputs(args):
+    """Return (source latent, reference image in [-1, 1]) shared by both configurations."""
+    g = torch.Generator().manual_seed(0)
+    source = {"samples": torch.randn(1, 4, args.size // 8, args.size // 8, generator=g)}
+    image = torch.rand(1, 3, args.size, args.size, generator=g) * 2 - 1
+    return source, image
+
+
+def posterior(vae, image):
+    """Return the VAE posterior's (mean, std) for `image`, in float32."""
+    moments = vae.quant_conv(vae.encoder(image.to(next(vae.parameters()).dtype))).float()
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
+def reference_sampler(model, vae, image):
+    """Return a latent sampler that, like the reference's training loop, flips the image with probability 0.5,
+    encodes it and samples the posterior at every call."""
+    def sample(generator):
+        flipped = image.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else image
+        with torch.no_grad():
+            mean, std = posterior(vae, flipped.to(next(vae.parameters()).device))
+        noise = torch.randn(mean.shape, generator=generator).to(mean)
+        return model.model.process_latent_in(mean + std * noise)
+    return sample
+
+
+def reference_null_text(pack, denoise, trajectory, sigmas, cond, uncond, inner_steps, guidance=7.5):
+    """Return per-step null embeddings computed step for step like the reference's null-text loop."""
+    vct = pack.vct_ops
+    steps = sigmas.numel() - 1
+    x = trajectory[-1].clone()
+    phi = {k: v.clone() for k, v in uncond.items()}
+    out = []
+    with torch.enable_grad():
+        for i in range(steps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            sig = sigma.view(1).to(x)
+            target = trajectory[steps - i - 1]
+            phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+            optimizer = torch.optim.Adam(list(phi.values()), lr=1e-2 * (1.0 - i / 100.0))
+            with torch.no_grad():
+                den_cond = denoise(x, sig, cond, None)
+            for _ in range(inner_steps):
+                den_uncond = denoise(x, sig, phi, None)
+                x_prev = vct.ddim_step(x, sigma, sigma_next, vct.cfg(den_uncond, den_cond, guidance))
+                loss = torch.mean((x_prev - target) ** 2) / (1.0 + sigma_next * sigma_next)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if loss.item() < 1e-5 + i * 2e-5:
+                    break
+            phi = {k: v.detach() for k, v in phi.items()}
+            out.append(phi)
+            with torch.no_grad():
+                both = {k: torch.cat([phi[k], cond[k]]) for k in cond}
+                den = denoise(torch.cat([x, x]), sig.repeat(2), both, None)
+                x = vct.ddim_step(x, sigma, sigma_next, vct.cfg(den[:1], den[1:], guidance))
+    return out
 
 
 def stage(results, name, device, fn):
@@ -168,17 +293,14 @@ def stage(results, name, device, fn):
     return value
 
 
-def run_config(pack, cfg: Config, model, clip, source_latent, reference_latent, args):
+def run_config(pack, cfg: Config, models: Models, source_latent, image, args):
     """Run every stage under one configuration; return ({stage: figures}, outputs for the quality checks)."""
     import comfy.model_management
 
     vct, host, text, sample = pack.vct_ops, pack.host, pack.text, pack.sample
+    clip, vae = models.clip, models.vae
+    model = reference_attention(models.model) if cfg.reference else models.model.clone()
     device = model.load_device
-    model = model.clone()
-    if cfg.half_precision and device.type == "cuda":
-        model.set_model_compute_dtype(torch.float16)  # weights cast per layer; learned tensors stay float32
-    elif not cfg.half_precision:
-        model.set_model_compute_dtype(torch.float32)
     results, out = {}, {}
     z0 = host.latent_in(model, source_latent, "source")
     empty = encode(clip, "")
@@ -190,34 +312,54 @@ def run_config(pack, cfg: Config, model, clip, source_latent, reference_latent, 
     x0 = vct.latent_to_x(z0.to(device), sigmas[-1])
     trajectory = stage(results, "ddim_invert", device,
                        lambda c: vct.ddim_invert(c(host.Denoiser(model)), x0, sigmas, cond))
-    out["x0"] = x0
 
+    unet = model.model.diffusion_model
     with host.training_mode():
-        host.make_autograd_safe(model.model.diffusion_model)
-        nulls = stage(results, "null_text", device, lambda c: vct.null_text_invert(
-            c(host.Denoiser(model, gradients=True)), trajectory.clone(), sigmas.clone(),
-            {k: v.clone() for k, v in cond.items()}, {k: v.clone() for k, v in cond.items()},
-            inner_steps=args.inner_steps)).embeddings
+        host.make_autograd_safe(unet)
+        # The reference's attention is plain autograd; ours needs the gradient-safe override.
+        denoiser = host.Denoiser(model, gradients=not cfg.reference)
+        if cfg.reference:
+            for param in unet.parameters():
+                param.requires_grad_(True)  # the reference never freezes the UNet for null-text
+            nulls = stage(results, "null_text", device, lambda c: reference_null_text(
+                pack, c(denoiser), trajectory.clone(), sigmas.clone(), {k: v.clone() for k, v in cond.items()},
+                {k: v.clone() for k, v in cond.items()}, args.inner_steps))
+            for param in unet.parameters():
+                param.requires_grad_(False)  # its gradients stay allocated, as in the reference's process
+        else:
+            nulls = stage(results, "null_text", device, lambda c: vct.null_text_invert(
+                c(denoiser), trajectory.clone(), sigmas.clone(), {k: v.clone() for k, v in cond.items()},
+                {k: v.clone() for k, v in cond.items()}, inner_steps=args.inner_steps)).embeddings
 
         encoders = text.text_encoders(clip, "benchmark")
         for e in encoders:
             host.make_autograd_safe(e.module)
-        references = host.latent_in(model, reference_latent, "reference").to(device)
         init = {e.key: text.initializer_vectors(e, "dog", 3).to(device) for e in encoders}
-        config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=0,
-                                   fuse_accumulation=cfg.fuse_accumulation)
-        concept = stage(results, "concept_learn", device, lambda c: vct.learn_concept(
-            c(host.Denoiser(model, gradients=True)), text.GradientEncoder(encoders, model, references.shape, device),
-            init, pack.learn.latent_sampler(references.clone()), host.train_sigmas(model).to(device), config))
-        out["concept_loss"] = fixed_concept_loss(pack, model, encoders, concept.vectors, references, device)
+        shape = (1, *z0.shape[1:])
+
+        def learn(c):
+            if cfg.reference:
+                sampler, fuse = reference_sampler(model, vae, image), False
+            else:  # what the nodes do: VAEEncode once (the posterior mode), fuse when memory allows
+                with torch.no_grad():
+                    mean, _ = posterior(vae, image.to(device))
+                sampler = pack.learn.latent_sampler(host.latent_in(model, {"samples": mean.cpu()}, "reference"))
+                fuse = host.training_fits(model, (4, *shape[1:]))
+            config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=0, fuse_accumulation=fuse)
+            out["fused"] = fuse
+            return vct.learn_concept(c(denoiser), text.GradientEncoder(encoders, model, shape, device), init,
+                                     sampler, host.train_sigmas(model).to(device), config)
+
+        concept = stage(results, "concept_learn", device, learn)
+    out["vectors"] = concept.vectors
 
     concept_cond = host.model_cond(model, text.encode_concept(encoders, concept.vectors), "concept", z0.shape)
     concept_cond = {k: v.to(device) for k, v in concept_cond.items()}
     injection = sample.injection_config(cond["c_crossattn"].cpu(), text.encode_concept(encoders, concept.vectors),
                                         0.9, 0.2, 0.5, 0)
     base = model
-    if cfg.store_attention:
-        base, store = attention_store(pack, model, limit=(z0.shape[-1] * z0.shape[-2]) // 4)
+    if cfg.reference:
+        base, store = attention_store(pack, model, limit=32 * 32)
     patched = sample.patched_clone(base, vct.AttentionController(sigmas.cpu(), injection))
     comfy.model_management.load_models_gpu([patched])
     result = stage(results, "dual_branch", device, lambda c: vct.dual_branch_sample(
@@ -226,24 +368,30 @@ def run_config(pack, cfg: Config, model, clip, source_latent, reference_latent, 
         c(host.Denoiser(model)), trajectory[-1], sigmas, concept_cond, nulls, 7.5))
     out["reconstruction_mse"] = float(((result.ref - x0) ** 2).mean())
     out["b_to_bstar_mse"] = float(((result.main - result.ref) ** 2).mean())
+    for param in unet.parameters():
+        param.grad = None
     return results, out
 
 
-def fixed_concept_loss(pack, model, encoders, vectors, references, device, samples=16):
-    """Return the concept loss of `vectors` on fixed timesteps and noises (the same for both configurations)."""
+def fixed_concept_loss(pack, models: Models, vectors, image, samples=16):
+    """Return the concept loss of `vectors` on fixed timesteps and noises, through `models` (float32 for both)."""
     vct, host, text = pack.vct_ops, pack.host, pack.text
+    model = models.model
+    device = model.load_device
     g = torch.Generator().manual_seed(1234)
     sigmas = host.train_sigmas(model)
-    picks = torch.randint(0, sigmas.numel(), (samples,), generator=g)
-    noise = torch.randn(samples, *references.shape[1:], generator=g).to(device)
-    total = 0.0
     with torch.no_grad():
-        cond = text.GradientEncoder(encoders, model, references.shape, device)(vectors)
+        mean, _ = posterior(models.vae, image.to(device))
+        z0 = host.latent_in(model, {"samples": mean.cpu()}, "reference").to(device)
+        picks = torch.randint(0, sigmas.numel(), (samples,), generator=g)
+        noise = torch.randn(samples, *z0.shape[1:], generator=g).to(device)
+        encoders = text.text_encoders(models.clip, "benchmark")
+        cond = text.GradientEncoder(encoders, model, z0.shape, device)({k: v.to(device) for k, v in vectors.items()})
+        total = 0.0
         for i in range(samples):
             sigma = sigmas[picks[i : i + 1]].to(device)
-            loss = vct.concept_loss(host.Denoiser(model), cond, references[:1], sigma, noise[i : i + 1],
-                                    host.prediction_type(model))
-            total += float(loss)
+            total += float(vct.concept_loss(host.Denoiser(model), cond, z0, sigma, noise[i : i + 1],
+                                            host.prediction_type(model)))
     return total / samples
 
 
@@ -280,6 +428,7 @@ def print_table(results, outputs):
           f"ratio {peak['ours'] / peak['reference']:.2f}")
     for key in ("reconstruction_mse", "concept_loss", "b_to_bstar_mse"):
         print(f"{key}: reference {outputs['reference'][key]:.6g}, ours {outputs['ours'][key]:.6g}")
+    print(f"ours fused the accumulation micro-batches: {outputs['ours']['fused']}")
 
 
 def main(argv=None) -> int:
@@ -292,6 +441,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--inner-steps", type=int, default=50, help="null-text iterations per step at most")
     parser.add_argument("--concept-steps", type=int, default=500, help="concept-learning steps")
+    parser.add_argument("--ours-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                        help="UNet precision of 'ours': auto is ComfyUI's choice for the device (float16 on most "
+                        "GPUs, float32 on the CPU); bfloat16 is what ComfyUI's --bf16-unet gives")
     parser.add_argument("--config", choices=["both", "reference", "ours"], default="both",
                         help="one configuration only: on the CPU, peak memory is only comparable between processes")
     args = parser.parse_args(argv)
@@ -305,24 +457,42 @@ def main(argv=None) -> int:
     import comfy_runner
 
     pack = Pack(comfy_runner.load_pack().module)
-    model, clip, source, reference = build(args)
-    device = model.load_device
-    print(f"device {device}, model {args.checkpoint or args.model}, {args.size}px, {args.steps} steps, "
-          f"{args.inner_steps} inner, {args.concept_steps} concept steps")
+    source, image = inputs(args)
     results, outputs = {}, {}
     for cfg in (REFERENCE, OURS):
         if args.config in ("both", cfg.name):
             with torch.inference_mode():
-                results[cfg.name], outputs[cfg.name] = run_config(pack, cfg, model, clip, source, reference, args)
+                models = build(args, cfg.reference)
+                print(f"{cfg.name}: device {models.model.load_device}, UNet {models.dtype}, model "
+                      f"{args.checkpoint or args.model}, {args.size}px, {args.steps} steps, {args.inner_steps} "
+                      f"inner, {args.concept_steps} concept steps", flush=True)
+                results[cfg.name], outputs[cfg.name] = run_config(pack, cfg, models, source, image, args)
+            del models
+            release()
+    with torch.inference_mode():
+        judge = build(args, reference=True)  # the concept loss of both is measured the same way, in float32
+        for out in outputs.values():
+            out["concept_loss"] = fixed_concept_loss(pack, judge, out.pop("vectors"), image)
     if args.config == "both":
         print_table(results, outputs)
     else:
         for stage_name, figures in results[args.config].items():
             print(f"{stage_name:<14}{args.config:<11}{figures['time_s']:>10.3f}{figures['forward']:>10}"
                   f"{figures['forward_backward']:>10}{figures['peak_mb']:>10.0f}")
-        quality = {k: v for k, v in outputs[args.config].items() if isinstance(v, float)}
+        quality = {k: v for k, v in outputs[args.config].items() if isinstance(v, (float, bool))}
         print(f"quality: {quality}")
     return 0
+
+
+def release() -> None:
+    """Free what the last configuration left loaded, so the next starts from the same state."""
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
 
 
 if __name__ == "__main__":
