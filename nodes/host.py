@@ -17,6 +17,7 @@ import comfy.model_management
 import comfy.supported_models
 import comfy.utils
 import torch
+import torch.utils.checkpoint
 
 from ..vct_ops import ROLE_UNCOND, ROLES_KEY
 from ..vct_ops.validate import check_latent
@@ -298,6 +299,49 @@ def training_fits(model, shape) -> bool:
     """
     needed = model.model.memory_required(list(shape))
     return needed * 4 < comfy.model_management.get_free_memory(model.load_device)
+
+
+class CheckpointedBlock(torch.nn.Module):
+    """A transformer block that keeps no activations for backward and recomputes them instead."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        """Wrap `block` (a ComfyUI BasicTransformerBlock)."""
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, context=None, transformer_options={}):  # noqa: B006 - ComfyUI's own signature
+        """Return the block's output; under autograd its inner activations are recomputed in backward."""
+        if not torch.is_grad_enabled():
+            return self.block(x, context=context, transformer_options=transformer_options)
+        # The UNet rewrites keys such as "block" in this dict as it goes; the recomputation in
+        # backward must see them as they are now, so it gets a snapshot.
+        options = dict(transformer_options)
+        return torch.utils.checkpoint.checkpoint(
+            self.block, x, context=context, transformer_options=options, use_reentrant=False
+        )
+
+
+def checkpointed_clone(model):
+    """Return a clone of `model` whose transformer blocks recompute their activations in backward."""
+    clone = model.clone()
+    unet = model.model.diffusion_model
+    for name, module in unet.named_modules():
+        if isinstance(module, comfy_attention.SpatialTransformer):
+            for i, block in enumerate(module.transformer_blocks):
+                # Another clone's wrapper may still be in place; wrap the block it wraps.
+                inner = block.block if isinstance(block, CheckpointedBlock) else block
+                clone.add_object_patch(f"diffusion_model.{name}.transformer_blocks.{i}", CheckpointedBlock(inner))
+    return clone
+
+
+def training_model(model, shape) -> tuple:
+    """Return (model to train through, whether it recomputes activations): a checkpointed clone when a
+    forward+backward pass on `shape` would not fit in free memory, else `model` itself."""
+    if training_fits(model, shape):
+        return model, False
+    log.info("VCT: too little free memory for a training pass on %s; recomputing activations in backward",
+             tuple(shape))
+    return checkpointed_clone(model), True
 
 
 def load(model) -> None:

@@ -163,6 +163,8 @@ class VCTNullTextInvert(io.ComfyNode):
                                         method=method, cfg=cfg)
             return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
         device = model.load_device
+        # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
+        model, _ = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
         with host.training_mode():
             host.load(model)
             unet = model.model.diffusion_model

@@ -95,13 +95,15 @@ class VCTConceptLearn(io.ComfyNode):
         init = {e.key: text.initializer_vectors(e, initializer, num_vectors) for e in encoders}
         references = host.latent_in(model, latent, "latent")
         device = model.load_device
+        # One pass over all accumulated samples when memory allows (same gradient, faster); when
+        # not even one sample fits, activations are recomputed in backward instead of kept.
+        fuse = host.training_fits(model, (grad_accum, *references.shape[1:]))
+        model, _ = host.training_model(model, (1, *references.shape[1:]))
         with host.training_mode():
             comfy.model_management.load_models_gpu([model, clip.patcher])
             config = vct_ops.ConceptConfig(
                 steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
-                prediction=host.prediction_type(model),
-                # One pass over all accumulated samples when memory allows (same gradient, faster).
-                fuse_accumulation=host.training_fits(model, (grad_accum, *references.shape[1:])),
+                prediction=host.prediction_type(model), fuse_accumulation=fuse,
             )
             modules = [model.model.diffusion_model] + [e.module for e in encoders]
             for module in modules:

@@ -313,11 +313,17 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args):
     trajectory = stage(results, "ddim_invert", device,
                        lambda c: vct.ddim_invert(c(host.Denoiser(model)), x0, sigmas, cond))
 
-    unet = model.model.diffusion_model
+    shape = (1, *z0.shape[1:])
+    train = model
+    if not cfg.reference:  # what the nodes do: recompute activations in backward when memory is short
+        train = host.checkpointed_clone(model) if args.low_memory else host.training_model(model, shape)[0]
+        out["checkpointed"] = train is not model
+        comfy.model_management.load_models_gpu([train, clip.patcher])
+    unet = train.model.diffusion_model
     with host.training_mode():
         host.make_autograd_safe(unet)
         # The reference's attention is plain autograd; ours needs the gradient-safe override.
-        denoiser = host.Denoiser(model, gradients=not cfg.reference)
+        denoiser = host.Denoiser(train, gradients=not cfg.reference)
         if cfg.reference:
             for param in unet.parameters():
                 param.requires_grad_(True)  # the reference never freezes the UNet for null-text
@@ -335,7 +341,6 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args):
         for e in encoders:
             host.make_autograd_safe(e.module)
         init = {e.key: text.initializer_vectors(e, "dog", 3).to(device) for e in encoders}
-        shape = (1, *z0.shape[1:])
 
         def learn(c):
             if cfg.reference:
@@ -344,10 +349,10 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args):
                 with torch.no_grad():
                     mean, _ = posterior(vae, image.to(device))
                 sampler = pack.learn.latent_sampler(host.latent_in(model, {"samples": mean.cpu()}, "reference"))
-                fuse = host.training_fits(model, (4, *shape[1:]))
+                fuse = not args.low_memory and host.training_fits(model, (4, *shape[1:]))
             config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=0, fuse_accumulation=fuse)
             out["fused"] = fuse
-            return vct.learn_concept(c(denoiser), text.GradientEncoder(encoders, model, shape, device), init,
+            return vct.learn_concept(c(denoiser), text.GradientEncoder(encoders, train, shape, device), init,
                                      sampler, host.train_sigmas(model).to(device), config)
 
         concept = stage(results, "concept_learn", device, learn)
@@ -428,7 +433,8 @@ def print_table(results, outputs):
           f"ratio {peak['ours'] / peak['reference']:.2f}")
     for key in ("reconstruction_mse", "concept_loss", "b_to_bstar_mse"):
         print(f"{key}: reference {outputs['reference'][key]:.6g}, ours {outputs['ours'][key]:.6g}")
-    print(f"ours fused the accumulation micro-batches: {outputs['ours']['fused']}")
+    print(f"ours fused the accumulation micro-batches: {outputs['ours']['fused']}, "
+          f"recomputed activations in backward: {outputs['ours']['checkpointed']}")
 
 
 def main(argv=None) -> int:
@@ -444,6 +450,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ours-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                         help="UNet precision of 'ours': auto is ComfyUI's choice for the device (float16 on most "
                         "GPUs, float32 on the CPU); bfloat16 is what ComfyUI's --bf16-unet gives")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="ours as the nodes run it when free memory is short: one sample per pass, transformer "
+                        "blocks recomputing their activations in backward")
     parser.add_argument("--config", choices=["both", "reference", "ours"], default="both",
                         help="one configuration only: on the CPU, peak memory is only comparable between processes")
     args = parser.parse_args(argv)

@@ -1,0 +1,92 @@
+"""Memory-saving paths of the training nodes: activations recomputed in backward when memory is short."""
+from __future__ import annotations
+
+import comfy_tiny
+import pytest
+import torch
+from test_nodes import Pack, encode
+
+
+@pytest.fixture(scope="module")
+def pack(vct_pack):
+    return Pack(vct_pack)
+
+
+def blocks(model):
+    """Return the transformer blocks currently inside the model's UNet."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    unet = model.model.diffusion_model
+    return [b for m in unet.modules() if isinstance(m, comfy_attention.SpatialTransformer) for b in m.transformer_blocks]
+
+
+def pass_with_gradient(pack, model, phi, x, sigma):
+    """Return (denoised, gradient to phi, forward calls of the first transformer block's attention)."""
+    host = pack.host
+    calls = []
+    with host.training_mode():
+        host.load(model)
+        host.make_autograd_safe(model.model.diffusion_model)
+        first = blocks(model)[0]
+        inner = getattr(first, "block", first)
+        hook = inner.attn1.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            leaf = phi.clone().requires_grad_(True)
+            out = host.Denoiser(model, gradients=True)(x, sigma, {"c_crossattn": leaf})
+            out.square().mean().backward()
+        finally:
+            hook.remove()
+    return out.detach(), leaf.grad, len(calls)
+
+
+def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pack, comfy_session):
+    host = pack.host
+    with torch.inference_mode():
+        model = comfy_tiny.tiny_sd15_model(seed=5)
+        clip = comfy_tiny.tiny_sd1_clip(seed=6)
+        phi = encode(clip, "a cat")[0][0]
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3.0, 0.5])
+    phi = phi.repeat(2, 1, 1)
+
+    plain_out, plain_grad, plain_calls = pass_with_gradient(pack, model, phi, x, sigma)
+    checkpointed = host.checkpointed_clone(model)
+    ck_out, ck_grad, ck_calls = pass_with_gradient(pack, checkpointed, phi, x, sigma)
+    print(f"attention calls per forward+backward: plain {plain_calls}, checkpointed {ck_calls}")
+
+    torch.testing.assert_close(ck_out, plain_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ck_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert float(plain_grad.abs().sum()) > 0
+    assert (plain_calls, ck_calls) == (1, 2)  # the block ran again in backward instead of keeping activations
+
+    host.load(model)  # loading the unpatched model puts ComfyUI's own blocks back
+    assert not any(isinstance(b, host.CheckpointedBlock) for b in blocks(model))
+
+
+def test_training_nodes_give_the_same_results_when_memory_is_short(pack, comfy_session, monkeypatch):
+    with torch.inference_mode():
+        model = comfy_tiny.tiny_sd15_model(seed=7)
+        clip = comfy_tiny.tiny_sd1_clip(str(comfy_session.folder("embeddings")), seed=8)
+        source = encode(clip, "")
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
+    inversion, _ = pack.run("VCTDDIMInvert", model, latent, source, 4)
+
+    def run_all():
+        tuned = pack.run("VCTNullTextInvert", model, inversion, 7.5, 5, 1e-5)[0]
+        concept = pack.run("VCTConceptLearn", model, clip, latent, "dog", 2, 3, 5e-4, 4, 1.0, 0, "", False)
+        return tuned.null_embeddings, concept[0][0][0]
+
+    plain_nulls, plain_concept = run_all()
+    decisions = []
+
+    def short(model, shape):
+        decisions.append(tuple(shape))
+        return False
+
+    monkeypatch.setattr(pack.host, "training_fits", short)
+    low_nulls, low_concept = run_all()
+    assert decisions, "the nodes did not ask whether training fits"
+    for key in plain_nulls:
+        torch.testing.assert_close(low_nulls[key], plain_nulls[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(low_concept, plain_concept, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(plain_concept, encode(clip, "dog dog")[0][0])  # the concept did train
