@@ -17,7 +17,8 @@ def blocks(model):
     import comfy.ldm.modules.attention as comfy_attention
 
     unet = model.model.diffusion_model
-    return [b for m in unet.modules() if isinstance(m, comfy_attention.SpatialTransformer) for b in m.transformer_blocks]
+    spatial = [m for m in unet.modules() if isinstance(m, comfy_attention.SpatialTransformer)]
+    return [b for m in spatial for b in m.transformer_blocks]
 
 
 def pass_with_gradient(pack, model, phi, x, sigma):
