@@ -12,6 +12,7 @@ import uuid
 from typing import Callable, Iterator, Optional
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
 import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
@@ -321,16 +322,45 @@ class CheckpointedBlock(torch.nn.Module):
         )
 
 
+class CheckpointedResBlock(comfy_unet.TimestepBlock):
+    """A UNet residual block that keeps no activations for backward and recomputes them instead."""
+
+    # A TimestepBlock, so the UNet still hands it the timestep embedding.
+    def __init__(self, block: torch.nn.Module) -> None:
+        """Wrap `block` (a ComfyUI ResBlock)."""
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, emb):
+        """Return the block's output; under autograd its inner activations are recomputed in backward."""
+        if not torch.is_grad_enabled():
+            return self.block(x, emb)
+        return torch.utils.checkpoint.checkpoint(self.block, x, emb, use_reentrant=False)
+
+
+_CHECKPOINTED = (CheckpointedBlock, CheckpointedResBlock)
+
+
+def _checkpoint_patches(module: torch.nn.Module, prefix: str) -> Iterator[tuple]:
+    """Yield (module path, checkpointing wrapper) for every transformer and residual block under `module`."""
+    for child_name, child in module.named_children():
+        name = f"{prefix}{child_name}"
+        if isinstance(child, _CHECKPOINTED):
+            # Another clone's wrapper may still be in place; wrap the block it wraps.
+            yield name, type(child)(child.block)
+        elif type(child) is comfy_unet.ResBlock:  # not its video subclass, which takes more arguments
+            yield name, CheckpointedResBlock(child)
+        elif isinstance(child, comfy_attention.BasicTransformerBlock):
+            yield name, CheckpointedBlock(child)
+        else:
+            yield from _checkpoint_patches(child, f"{name}.")
+
+
 def checkpointed_clone(model):
-    """Return a clone of `model` whose transformer blocks recompute their activations in backward."""
+    """Return a clone of `model` whose transformer and residual blocks recompute their activations in backward."""
     clone = model.clone()
-    unet = model.model.diffusion_model
-    for name, module in unet.named_modules():
-        if isinstance(module, comfy_attention.SpatialTransformer):
-            for i, block in enumerate(module.transformer_blocks):
-                # Another clone's wrapper may still be in place; wrap the block it wraps.
-                inner = block.block if isinstance(block, CheckpointedBlock) else block
-                clone.add_object_patch(f"diffusion_model.{name}.transformer_blocks.{i}", CheckpointedBlock(inner))
+    for name, wrapper in _checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
+        clone.add_object_patch(name, wrapper)
     return clone
 
 

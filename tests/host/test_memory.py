@@ -21,23 +21,38 @@ def blocks(model):
     return [b for m in spatial for b in m.transformer_blocks]
 
 
+def res_blocks(model):
+    """Return the residual blocks currently inside the model's UNet, wrapped or not."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
+
+    unet = model.model.diffusion_model
+    found = []
+    for blocks_list in (unet.input_blocks, [unet.middle_block], unet.output_blocks):
+        for sequence in blocks_list:
+            found += [m for m in sequence if isinstance(m, comfy_unet.TimestepBlock)]
+    return found
+
+
 def pass_with_gradient(pack, model, phi, x, sigma):
-    """Return (denoised, gradient to phi, forward calls of the first transformer block's attention)."""
+    """Return (denoised, gradient to phi, forward calls of the first transformer block's attention and of the
+    last residual block's input layers). Blocks before the first cross-attention need no backward."""
     host = pack.host
-    calls = []
+    attn_calls, res_calls = [], []
     with host.training_mode():
         host.load(model)
         host.make_autograd_safe(model.model.diffusion_model)
-        first = blocks(model)[0]
-        inner = getattr(first, "block", first)
-        hook = inner.attn1.register_forward_hook(lambda *a: calls.append(1))
+        first, last_res = blocks(model)[0], res_blocks(model)[-1]
+        hooks = [getattr(first, "block", first).attn1.register_forward_hook(lambda *a: attn_calls.append(1)),
+                 getattr(last_res, "block", last_res).in_layers.register_forward_hook(
+                     lambda *a: res_calls.append(1))]
         try:
             leaf = phi.clone().requires_grad_(True)
             out = host.Denoiser(model, gradients=True)(x, sigma, {"c_crossattn": leaf})
             out.square().mean().backward()
         finally:
-            hook.remove()
-    return out.detach(), leaf.grad, len(calls)
+            for hook in hooks:
+                hook.remove()
+    return out.detach(), leaf.grad, (len(attn_calls), len(res_calls))
 
 
 def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pack, comfy_session):
@@ -53,15 +68,23 @@ def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pa
     plain_out, plain_grad, plain_calls = pass_with_gradient(pack, model, phi, x, sigma)
     checkpointed = host.checkpointed_clone(model)
     ck_out, ck_grad, ck_calls = pass_with_gradient(pack, checkpointed, phi, x, sigma)
-    print(f"attention calls per forward+backward: plain {plain_calls}, checkpointed {ck_calls}")
+    print(f"(attention, residual) calls per forward+backward: plain {plain_calls}, checkpointed {ck_calls}")
 
     torch.testing.assert_close(ck_out, plain_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ck_grad, plain_grad, rtol=1e-4, atol=1e-6)
     assert float(plain_grad.abs().sum()) > 0
-    assert (plain_calls, ck_calls) == (1, 2)  # the block ran again in backward instead of keeping activations
+    # Both kinds of block ran again in backward instead of keeping their activations.
+    assert (plain_calls, ck_calls) == ((1, 1), (2, 2))
+
+    # A second clone made while the first's wrappers are in place wraps ComfyUI's blocks, not the wrappers.
+    again = host.checkpointed_clone(model)
+    wrappers = list(again.object_patches.values())
+    assert len(wrappers) == len(blocks(model)) + len(res_blocks(model))
+    assert all(not isinstance(w.block, (host.CheckpointedBlock, host.CheckpointedResBlock)) for w in wrappers)
 
     host.load(model)  # loading the unpatched model puts ComfyUI's own blocks back
     assert not any(isinstance(b, host.CheckpointedBlock) for b in blocks(model))
+    assert not any(isinstance(b, host.CheckpointedResBlock) for b in res_blocks(model))
 
 
 def test_training_nodes_give_the_same_results_when_memory_is_short(pack, comfy_session, monkeypatch):
