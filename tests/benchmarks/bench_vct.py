@@ -350,7 +350,8 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args):
                     mean, _ = posterior(vae, image.to(device))
                 sampler = pack.learn.latent_sampler(host.latent_in(model, {"samples": mean.cpu()}, "reference"))
                 fuse = not args.low_memory and host.training_fits(model, (4, *shape[1:]))
-            config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=0, fuse_accumulation=fuse)
+            config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=args.seed,
+                                        fuse_accumulation=fuse)
             out["fused"] = fuse
             return vct.learn_concept(c(denoiser), text.GradientEncoder(encoders, train, shape, device), init,
                                      sampler, host.train_sigmas(model).to(device), config)
@@ -447,6 +448,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--inner-steps", type=int, default=50, help="null-text iterations per step at most")
     parser.add_argument("--concept-steps", type=int, default=500, help="concept-learning steps")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of concept learning's timestep, noise and flip draws (both configurations); "
+                        "change it to see how far the final concept loss moves between runs")
     parser.add_argument("--ours-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                         help="UNet precision of 'ours': auto is ComfyUI's choice for the device (float16 on most "
                         "GPUs, float32 on the CPU); bfloat16 is what ComfyUI's --bf16-unet gives")
