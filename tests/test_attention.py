@@ -138,3 +138,42 @@ def test_unpaired_rows_raise():
         controller().patch("attn2")(q, k, v, opts)
     with pytest.raises(ValueError, match="kind"):
         controller().patch("attn3")
+
+
+def test_refine_effect_recognises_identity_and_no_op_configs():
+    ones = torch.ones(6)
+    identity = torch.arange(6)
+    assert controller().config.refine_effect(6) == vct_ops.KEEP
+    assert controller(mapper=identity, alphas=torch.zeros(6)).config.refine_effect(6) == vct_ops.KEEP
+    assert controller(mapper=identity, alphas=ones).config.refine_effect(6) == vct_ops.BORROW
+    assert controller(mapper=identity, alphas=ones, weights=ones).config.refine_effect(6) == vct_ops.BORROW
+    # Anything that changes a map is a mix: a weight, a partial alpha, a permutation.
+    assert controller(mapper=identity, alphas=ones, weights=vct_ops.token_weights(6, [1], 0.5)
+                      ).config.refine_effect(6) == vct_ops.MIX
+    assert controller(weights=vct_ops.token_weights(6, [1], 0.5)).config.refine_effect(6) == vct_ops.MIX
+    half = torch.tensor([1.0, 0, 1, 1, 1, 1])
+    assert controller(mapper=identity, alphas=half).config.refine_effect(6) == vct_ops.MIX
+    assert controller(mapper=identity.flip(0), alphas=ones).config.refine_effect(6) == vct_ops.MIX
+
+
+@pytest.mark.parametrize("effect", ["keep", "borrow"])
+def test_no_op_and_identity_refines_run_the_hosts_attention_so_results_are_exact(effect):
+    # Both branches must go through the very same attention function, so that B equals B* bit for
+    # bit when their inputs do (a concept equal to the source), whatever kernel the host picks.
+    calls = []
+
+    def host_attention(q, k, v, heads, extra):
+        calls.append(q.shape[0])
+        return vct_ops.sdpa_attention(q, k, v, heads) * 1.0001  # distinguishable from the explicit path
+
+    q, k, v = make_qkv()
+    q[3], k[3], v[3] = q[2], k[2], v[2]  # B's inputs equal B*'s
+    mapper, alphas = torch.arange(6), torch.full((6,), 1.0 if effect == "borrow" else 0.0)
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5])
+    ctl = vct_ops.AttentionController(sigmas, vct_ops.InjectionConfig(0.5, 0.5, mapper, alphas, torch.ones(6)),
+                                      attention=host_attention)
+    out = ctl.patch("attn2")(q, k, v, options(sigma=8.0))
+    assert calls == [4], "one call of the host's attention on all rows"
+    assert torch.equal(out[3], out[2])
+    if effect == "keep":
+        assert torch.equal(out, host_attention(q, k, v, HEADS, {}))

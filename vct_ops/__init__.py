@@ -4,6 +4,9 @@ Host-agnostic: imports torch and the standard library only. A model is a denoise
 `(x, sigma, cond, transformer_options) -> denoised` in ComfyUI's sigma parameterisation.
 """
 from .attention import (
+    BORROW,
+    KEEP,
+    MIX,
     ROLE_MAIN,
     ROLE_REF,
     ROLE_UNCOND,
@@ -44,6 +47,9 @@ __all__ = [
     "ROLE_MAIN",
     "ROLE_REF",
     "ROLE_UNCOND",
+    "KEEP",
+    "BORROW",
+    "MIX",
     "ROLES_KEY",
     "AttentionController",
     "AttentionPatch",

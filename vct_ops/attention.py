@@ -18,6 +18,8 @@ from .schedule import window_sigma
 
 ROLES_KEY = "vct_roles"
 ROLE_UNCOND, ROLE_REF, ROLE_MAIN = "uncond", "ref", "main"
+# What the cross-attention refine does to B's maps: nothing, replace them by B*'s, or mix the two.
+KEEP, BORROW, MIX = "keep", "borrow", "mix"
 
 # (q, k, v, heads, extra_options) -> out; extra_options lets a host honour e.g. attn_precision.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
@@ -141,6 +143,21 @@ class InjectionConfig:
     # scales with resolution so that SDXL at 1024 px behaves alike.
     self_area_fraction: float = 0.25
 
+    def refine_effect(self, keys: int) -> str:
+        """Return what the refine does to B's cross-attention maps over `keys` tokens: KEEP, BORROW or MIX."""
+        unweighted = self.weights is None or bool(torch.all(self.weights == 1))
+        if not unweighted:
+            return MIX
+        if self.mapper is None:
+            return KEEP
+        alphas = self.alphas if self.alphas is not None else torch.ones(self.mapper.numel())
+        if self.mapper.numel() != keys or alphas.numel() != keys:
+            return MIX  # refine() reports the mismatch
+        if bool(torch.all(alphas == 0)):
+            return KEEP
+        identity = bool(torch.equal(self.mapper.cpu(), torch.arange(keys)))
+        return BORROW if identity and bool(torch.all(alphas == 1)) else MIX
+
 
 class AttentionController:
     """Per-run attention control: decides per call whether B's maps come from B*, from sigma and layer size."""
@@ -187,10 +204,19 @@ class AttentionController:
     def cross_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None) -> torch.Tensor:
         """Return cross-attention where B's maps take B*'s at aligned tokens, with concept tokens re-weighted."""
         pairs = _role_rows(extra_options, q.shape[0])
-        out = self._plain(q, k, v, extra_options, prev)
         if pairs is None or not self.cross_active(extra_options):
-            return out
+            return self._plain(q, k, v, extra_options, prev)
         ref, main = pairs
+        effect = self.config.refine_effect(k.shape[1])
+        if effect == KEEP:
+            return self._plain(q, k, v, extra_options, prev)
+        if effect == BORROW and prev is None:
+            # B takes B*'s maps unchanged: computed by the very function that computes B*'s rows,
+            # in the same call, so B equals B* exactly when their inputs do (concept = source).
+            q2, k2 = q.clone(), k.clone()
+            q2[main], k2[main] = q[ref], k[ref]
+            return self._plain(q2, k2, v, extra_options, prev)
+        out = self._plain(q, k, v, extra_options, prev)
         heads = extra_options["n_heads"]
         probs_ref = attention_probs(q[ref], k[ref], heads)
         probs_main = attention_probs(q[main], k[main], heads)
