@@ -64,6 +64,13 @@ class _SkippedModule(pytest.Module):
         raise pytest.skip.Exception(SKIP_REASON, allow_module_level=True)
 
 
+def pytest_configure(config):
+    # CI sets VCT_REQUIRE_HOST=1 with COMFYUI_PATH: a host tier that cannot run is then a failure,
+    # not a silent skip.
+    if SKIP_REASON is not None and os.environ.get("VCT_REQUIRE_HOST") == "1":
+        raise pytest.UsageError(f"VCT_REQUIRE_HOST=1 but the host tier cannot run: {SKIP_REASON}")
+
+
 def pytest_pycollect_makemodule(module_path, parent):
     if SKIP_REASON is not None:
         return _SkippedModule.from_parent(parent, path=module_path)
