@@ -25,8 +25,24 @@ def _comfy_attention(q, k, v, heads, extra_options):
     )
 
 
+EQUALIZERS = ("concept_tokens", "reference_code")
+
+
+def equalizer_positions(count: int, equalizer: str) -> range:
+    """Return the token positions the equaliser scales for `count` concept tokens after the start token.
+
+    `concept_tokens` scales the concept tokens (1..count). `reference_code` reproduces the
+    reference implementation, whose word-index helper drops the start token's +1 and so scales
+    positions 0..count-1: the start token and all but the last concept token.
+    """
+    if equalizer not in EQUALIZERS:
+        raise ValueError(f"equalizer must be one of {', '.join(EQUALIZERS)}, got {equalizer!r}")
+    return range(1, count + 1) if equalizer == "concept_tokens" else range(0, count)
+
+
 def injection_config(source: torch.Tensor, concept: list, self_fraction: float, cross_fraction: float,
-                     concept_weight: float, concept_tokens: int) -> vct_ops.InjectionConfig:
+                     concept_weight: float, concept_tokens: int, equalizer: str = "concept_tokens"
+                     ) -> vct_ops.InjectionConfig:
     """Return the injection settings: refine mapping of the empty source prompt to the concept prompt."""
     cond = concept[0][0]
     length = cond.shape[1]
@@ -39,7 +55,7 @@ def injection_config(source: torch.Tensor, concept: list, self_fraction: float, 
     # Source: [start, end, padding...] (the paper's empty prompt); concept: [start, c1..cn, end, ...].
     # Concept tokens get ids no real token has, so they keep their own maps.
     mapper, alphas = vct_ops.refine_mapping([0, 1], [0] + [-1 - i for i in range(count)] + [1], length)
-    weights = vct_ops.token_weights(length, range(1, count + 1), concept_weight)
+    weights = vct_ops.token_weights(length, equalizer_positions(count, equalizer), concept_weight)
     return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights)
 
 
@@ -84,6 +100,10 @@ class VCTDualBranchSampler(io.ComfyNode):
                 io.Int.Input("concept_tokens", default=0, min=0, max=75, optional=True,
                              tooltip="How many tokens after the start token are the concept. 0: automatic "
                              "(known from VCT Concept Embedding Learn; 3 otherwise)."),
+                io.Combo.Input("equalizer", options=list(EQUALIZERS), default="concept_tokens", optional=True,
+                               tooltip="Which tokens concept_weight scales. concept_tokens: the concept's own "
+                               "tokens. reference_code: the positions the published code scales (the start "
+                               "token and all but the last concept token)."),
             ],
             outputs=[
                 io.Latent.Output("latent", tooltip="The translated image B; decode with VAEDecode."),
@@ -93,7 +113,7 @@ class VCTDualBranchSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
-                concept_tokens=0) -> io.NodeOutput:
+                concept_tokens=0, equalizer="concept_tokens") -> io.NodeOutput:
         """Sample both branches and return B and B*."""
         node = "VCT Dual-Branch Sampler"
         host.check_family(model, node)
@@ -112,7 +132,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                 "prompt of at most 75 tokens"
             )
         config = injection_config(source["c_crossattn"], concept, self_injection, cross_injection, concept_weight,
-                                  concept_tokens)
+                                  concept_tokens, equalizer)
         controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
         patched = patched_clone(model, controller)
         host.load(patched)
