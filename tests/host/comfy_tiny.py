@@ -463,8 +463,11 @@ class TinyCheckpointPatch:
     `monkeypatch` (fixture `tiny_checkpoint` in conftest.py) so it is undone after each test.
     """
 
-    def __init__(self, original):
+    def __init__(self, original, loaders: dict | None = None):
+        """`loaders` maps further marker families to `fn(path, marker, embedding_directory, output_model,
+        output_clip, output_vae) -> (model, clip, vae)` (e.g. the trained toy world's checkpoint)."""
         self.original = original
+        self.loaders = dict(loaders or {})
         self.calls: list[dict] = []
 
     def __call__(self, ckpt_path, output_vae=True, output_clip=True, output_clipvision=False,
@@ -478,6 +481,10 @@ class TinyCheckpointPatch:
         family = marker.get("family", "sd15")
         self.calls.append({"ckpt_path": str(ckpt_path), "embedding_directory": embedding_directory,
                            "inference_mode": torch.is_inference_mode_enabled(), "family": family})
+        if family in self.loaders:
+            model, clip, vae = self.loaders[family](ckpt_path, marker, embedding_directory, output_model,
+                                                    output_clip, output_vae)
+            return model, clip, vae, None
         model, clip, vae = tiny_checkpoint(seed=int(marker.get("seed", 0)), embedding_directory=embedding_directory,
                                            output_model=output_model, output_clip=output_clip, output_vae=output_vae,
                                            family=family)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import comfy_runner
@@ -91,6 +92,18 @@ def test_concept_equal_to_source_gives_the_reconstruction(pack, setup):
                                       7.5, 0.9, 0.2, 0.5)
     # Exact: with the concept equal to the source, B's rows are computed exactly as B*'s are.
     assert torch.equal(latent["samples"], reconstruction["samples"])
+
+
+@pytest.mark.parametrize("equalizer, scaled", [("concept_tokens", [1, 2, 3]), ("reference_code", [0, 1, 2])])
+def test_equalizer_scales_the_chosen_token_positions(pack, setup, equalizer, scaled):
+    sample = pack.node["VCTDualBranchSampler"].__module__
+    config = sys.modules[sample].injection_config(setup["source"][0][0], [[setup["negative"][0][0], {}]], 0.9, 0.2,
+                                                  0.5, 3, equalizer)
+    assert [i for i, w in enumerate(config.weights.tolist()) if w != 1.0] == scaled
+    assert all(config.weights[i] == 0.5 for i in scaled)
+    with pytest.raises(ValueError, match="equalizer"):
+        sys.modules[sample].injection_config(setup["source"][0][0], [[setup["negative"][0][0], {}]], 0.9, 0.2, 0.5,
+                                             3, "start_token")
 
 
 def snapshot(model):

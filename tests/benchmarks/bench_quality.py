@@ -1,0 +1,194 @@
+"""Does VCT translate? The toy world's task set through the real nodes, measured like the paper.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tests/benchmarks/bench_quality.py
+    COMFYUI_PATH=/path/to/ComfyUI python tests/benchmarks/bench_quality.py --tasks 4 --cost-tasks 0   # quick look
+
+Trains the toy model first if its weights are neither committed nor cached (about 15 minutes on
+2 CPU cores; see tests/quality/toy_model.py). For every task (a source and a reference image of
+tests/quality/world.py) it runs one ComfyUI prompt holding VCT with the paper's defaults, its
+ablations and the baselines, then prints one table: per method the structure IoU with the
+source's mask, the concept accuracy (the reference's colour and texture recognised in the
+output), their product, how often the source's shape was kept, B*'s PSNR against the source,
+UNet rows run forward and forward+backward, and wall time, each the mean over the tasks.
+`--cost-tasks N` adds the cost variants (fewer concept steps, 10 null-text inner steps, bfloat16
+training) on the first N tasks, and `--reconstruction-tasks N` the null-text reconstruction test
+with the source's caption as source prompt. `--grid` writes a PNG of a few tasks (source,
+reference, VCT, SDEdit 0.75, plain CFG) and `--json` every per-task figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+for folder in ("tests/quality", "tests/host"):
+    if str(ROOT / folder) not in sys.path:
+        sys.path.insert(0, str(ROOT / folder))
+
+import comfy_env  # noqa: E402
+
+COLUMNS = ("structure", "concept", "both", "score", "shape_kept", "psnr", "forward", "train", "seconds")
+HEADER = ("method", "IoU", "concept", "both", "IoUxconc", "shape", "B* PSNR", "fwd rows", "fwd+bwd", "time s")
+GRID_METHODS = ("vct", "SDEdit 0.75", "plain CFG from z*_T")
+
+
+def parse_args() -> argparse.Namespace:
+    """Return the command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=24, help="how many tasks of the task set to run (default 24)")
+    p.add_argument("--cost-tasks", type=int, default=8, help="run the cost variants on the first N tasks")
+    p.add_argument("--reconstruction-tasks", type=int, default=8,
+                   help="run the caption-prompt reconstruction test on the first N tasks")
+    p.add_argument("--sequential-tasks", type=int, default=8,
+                   help="rerun VCT with sequential (not fused) accumulation in concept learning on the first N tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of concept learning and of the KSampler baselines")
+    p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the first --grid-tasks tasks")
+    p.add_argument("--grid-tasks", type=int, default=6)
+    p.add_argument("--json", type=Path, default=None, help="write every per-task figure as JSON")
+    p.add_argument("--equalizer", default="concept_tokens", choices=("concept_tokens", "reference_code"),
+                   help="the equaliser VCT runs with (the other one is measured as an ablation)")
+    return p.parse_args()
+
+
+def mean_rows(per_task: list[dict]) -> dict[str, dict]:
+    """Return per method the mean of every column over the tasks that ran it."""
+    methods: dict[str, list[dict]] = {}
+    for rows in per_task:
+        for name, row in rows.items():
+            methods.setdefault(name, []).append(row)
+    table = {}
+    for name, rows in methods.items():
+        table[name] = {"tasks": len(rows)}
+        for column in COLUMNS:
+            values = [r[column] for r in rows if column in r]
+            if values:
+                table[name][column] = float(np.mean(values))
+    return table
+
+
+def format_table(table: dict[str, dict]) -> str:
+    """Return the table as aligned text."""
+    lines = ["  ".join(f"{h:>10}" if i else f"{h:<28}" for i, h in enumerate(HEADER)) + "  tasks"]
+    for name, row in table.items():
+        cells = [f"{name:<28}"]
+        for column in COLUMNS:
+            value = row.get(column)
+            if value is None:
+                cells.append(f"{'-':>10}")
+            elif column in ("forward", "train"):
+                cells.append(f"{value:>10.0f}")
+            elif column in ("psnr", "seconds"):
+                cells.append(f"{value:>10.1f}")
+            else:
+                cells.append(f"{value:>10.3f}")
+        lines.append("  ".join(cells) + f"  {row['tasks']:>5}")
+    return "\n".join(lines)
+
+
+def write_grid(path: Path, outcomes: list, scale: int = 4) -> None:
+    """Write a PNG: one row per task, columns source, reference and the GRID_METHODS results."""
+    import world
+    from PIL import Image
+
+    rows = []
+    for outcome in outcomes:
+        cells = [world.render(outcome.task.source), world.render(outcome.task.reference)]
+        cells += [outcome.images[(m, "result")][0] for m in GRID_METHODS]
+        gap = np.ones((world.SIDE, 1, 3))
+        rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))
+    gap = np.ones((1, rows[0].shape[1], 3))
+    grid = np.concatenate([r for row in rows for r in (row, gap)][:-1], axis=0)
+    grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)).save(path, optimize=True)
+
+
+def main() -> int:
+    """Run the task set and print the table; return the exit code."""
+    args = parse_args()
+    comfy_env.ensure_bootstrapped()
+    import comfy_runner
+    import harness
+    import safetensors
+    import toy_model
+    import world
+
+    weights = toy_model.weights_path()
+    with safetensors.safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    print(f"toy model: {weights.name}, trained in {meta.get('training_seconds', '?')} s "
+          f"(torch {meta.get('torch', '?')}), {os.cpu_count()} CPU cores here")
+    accuracy = world.analyser_accuracy(count=500)
+    degraded = world.analyser_accuracy(count=500, degraded=True)
+    print("analysers on 500 held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+          + "; with blur and noise: " + ", ".join(f"{k} {v:.3f}" for k, v in degraded.items()))
+
+    env = comfy_env.get_env()
+    pack = comfy_runner.load_pack()
+    counter = harness.PassCounter()
+    settings = harness.settings_with(equalizer=args.equalizer, seed=args.seed)
+    tasks = harness.task_set()[: args.tasks]
+    per_task, outcomes, record = [], [], []
+    start = time.perf_counter()
+    clip = toy_model.build()[1]  # only to count the caption's tokens
+    with harness.toy_checkpoint(env, counter, weights):
+        runner = harness.Runner(env.input_dir, counter)
+        for task in tasks:
+            groups = ["main"]
+            if task.index < args.cost_tasks:
+                groups.append("cost")
+            if task.index < args.reconstruction_tasks:
+                groups.append("reconstruction")
+            text_tokens = harness.caption_tokens(clip, task.reference.caption())
+            outcome = runner.run(task, settings, tuple(groups), text_tokens=text_tokens)
+            rows = harness.score(outcome)
+            per_task.append(rows)
+            outcomes.append(outcome)
+            record.append({"task": task.name, "seconds": outcome.seconds, "methods": rows})
+            vct = rows["vct"]
+            print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: VCT IoU {vct['structure']:.2f} concept "
+                  f"{vct['concept']:.2f} found {vct['found']}; task {outcome.seconds:.0f} s", flush=True)
+        # Sequential accumulation in a fresh executor, whose empty cache makes every node run again.
+        runner = harness.Runner(env.input_dir, counter)
+        for task, rows in zip(tasks[: args.sequential_tasks], per_task):
+            with harness.sequential_accumulation(pack.module.nodes.host):
+                outcome = runner.run(task, settings, ("sequential",))
+            rows.update(harness.score(outcome))
+            print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: sequential accumulation, task "
+                  f"{outcome.seconds:.0f} s", flush=True)
+    table = mean_rows(per_task)
+    samples = table.pop("concept samples")
+    print()
+    print(f"{len(tasks)} tasks, {time.perf_counter() - start:.0f} s; means per task "
+          f"(VCT runs equalizer={args.equalizer}):")
+    print(format_table(table))
+    for name, row in table.items():
+        if row["tasks"] < len(tasks) and name != "vct":
+            # Variants run on a subset: VCT's figures on exactly those tasks, for a fair comparison.
+            subset = [rows["vct"] for rows in per_task if name in rows]
+            same = {c: float(np.mean([r[c] for r in subset])) for c in ("score", "structure", "concept", "seconds")}
+            psnr = [r["psnr"] for r in subset]
+            print(f"  {name}: on its {row['tasks']} tasks VCT scores IoUxconc {same['score']:.3f}, IoU "
+                  f"{same['structure']:.3f}, concept {same['concept']:.3f}, B* PSNR {np.mean(psnr):.1f}, "
+                  f"{same['seconds']:.1f} s")
+    print(f"concept learning alone: of {settings.concept_samples} plain CFG samples of the learned concept per "
+          f"task, {samples['both']:.3f} carry the reference's colour and texture (attribute accuracy "
+          f"{samples['concept']:.3f})")
+    if args.grid is not None:
+        write_grid(args.grid, outcomes[: args.grid_tasks])
+        print(f"grid: {args.grid}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"table": table, "tasks": record}, indent=1))
+        print(f"per-task figures: {args.json}")
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

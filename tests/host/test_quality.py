@@ -1,0 +1,100 @@
+"""Does VCT translate? The paper's claims, asserted on the trained toy world (tests/quality).
+
+A few tasks of the task set run through the real nodes in ComfyUI's executor with the paper's
+defaults (tests/quality/harness.py), beside the ablations and baselines. The thresholds come from
+the benchmark's measurements (`tests/benchmarks/bench_quality.py`, README "Does it work?"), each
+with its margin stated where it is asserted. The toy model's weights are committed
+(tests/quality/weights/); without them this module fails rather than train for 15 minutes.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_QUALITY = Path(__file__).resolve().parents[1] / "quality"
+if str(_QUALITY) not in sys.path:
+    sys.path.insert(0, str(_QUALITY))
+
+import harness  # noqa: E402
+import toy_model  # noqa: E402
+
+TASKS = (0, 1, 2, 3, 4, 5)
+RECONSTRUCTION_TASKS = (0,)
+
+# Thresholds: measured on TASKS with concept-learning seeds 0 and 1 (bench_quality.py --tasks 6
+# [--seed 1]); each assertion states the two measurements and leaves about half the smaller gap,
+# since another machine's rounding sends a chaotic CFG-7.5 sampler elsewhere in the details.
+
+
+@pytest.fixture(scope="module")
+def quality(comfy_session, vct_pack):
+    """Scores of every method on the test tasks."""
+    try:
+        weights = toy_model.weights_path(train_if_missing=False)
+    except FileNotFoundError as e:
+        pytest.fail(f"{e}: run `python tests/quality/toy_model.py` and commit the file it prints")
+    counter = harness.PassCounter()
+    tasks = harness.task_set()
+    clip = toy_model.build()[1]  # only to count caption tokens
+    scores = []
+    with harness.toy_checkpoint(comfy_session, counter, weights):
+        runner = harness.Runner(comfy_session.input_dir, counter)
+        for index in TASKS:
+            task = tasks[index]
+            groups = ("main", "reconstruction") if index in RECONSTRUCTION_TASKS else ("main",)
+            outcome = runner.run(task, harness.Settings(), groups,
+                                 text_tokens=harness.caption_tokens(clip, task.reference.caption()))
+            scores.append(harness.score(outcome))
+    return scores
+
+
+def mean(scores: list[dict], method: str, column: str) -> float:
+    """Return the mean of one column of one method over the tasks that ran it."""
+    values = [s[method][column] for s in scores if method in s]
+    assert values, f"{method} did not run"
+    return float(np.mean(values))
+
+
+def test_vct_beats_every_image_only_baseline_on_structure_times_concept(quality):
+    # IoU x concept, seed 0 / seed 1: VCT 0.689 / 0.700; plain CFG from z*_T 0.512 / 0.519, SDEdit 0.5
+    # 0.484 / 0.539, SDEdit 0.75 0.414 / 0.457. Smallest gap 0.161; margin 0.08. (The caption given
+    # as text, an oracle VCT's one-shot setting does not have, scores 0.771 / 0.771: not asserted.)
+    vct = mean(quality, "vct", "score")
+    for baseline in ("plain CFG from z*_T", "SDEdit 0.5", "SDEdit 0.75"):
+        assert vct > mean(quality, baseline, "score") + 0.08, baseline
+
+
+def test_vct_keeps_the_structure_and_takes_the_concept(quality):
+    # Seed 0 / seed 1: IoU with the source's mask 0.878 / 0.892; reference colour and texture
+    # recognised 0.750 / 0.750 (9 of 12 attributes).
+    assert mean(quality, "vct", "structure") >= 0.75
+    assert mean(quality, "vct", "concept") >= 0.6
+
+
+def test_structure_rises_with_self_injection(quality):
+    # IoU at tau_self 0, 0.3, 0.6, 0.9: seed 0 0.394, 0.471, 0.704, 0.878; seed 1 0.438, 0.504,
+    # 0.771, 0.892.
+    names = ("no self-injection", "tau_self 0.3", "tau_self 0.6", "vct")
+    ious = [mean(quality, name, "structure") for name in names]
+    print(dict(zip(names, ious)))
+    assert ious[-1] > ious[0] + 0.25
+    assert all(b > a - 0.05 for a, b in zip(ious, ious[1:])), ious
+
+
+def test_null_text_rebuilds_the_source_far_better_than_untuned_nulls(quality):
+    # The null-text inversion paper's setting (the source's caption as source prompt, "" as the
+    # null): B* PSNR 42.0 dB tuned against 18.1 dB untuned. The paper's empty source prompt: 45.1 dB.
+    tuned = mean(quality, "caption prompt, null-text", "psnr")
+    untuned = mean(quality, "caption prompt, untuned null", "psnr")
+    assert tuned > untuned + 12.0
+    assert mean(quality, "vct", "psnr") > 38.0
+
+
+def test_learned_concept_generates_the_reference_attributes(quality):
+    # Of 8 plain CFG samples of the learned concept per task, seed 0 / seed 1: 0.583 / 0.812 carry
+    # both the reference's colour and texture; attribute accuracy 0.688 / 0.896.
+    assert mean(quality, "concept samples", "both") >= 0.4
+    assert mean(quality, "concept samples", "concept") >= 0.55
