@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -346,7 +346,6 @@ class Outcome:
     graph: Graph
     methods: list[Method]
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def write_inputs(task: Task, input_dir: Path) -> dict:
@@ -375,7 +374,7 @@ class Runner:
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
 
     def run(self, task: Task, settings: Settings = Settings(), groups: tuple[str, ...] = ("main",),
-            text_tokens: int = 4, around: Optional[Callable] = None) -> Outcome:
+            text_tokens: int = 4) -> Outcome:
         """Run every method of `groups` on one task; return the decoded images and the node costs."""
         images = write_inputs(task, self.input_dir)
         graph, methods = build(task, settings, images, groups, text_tokens)
