@@ -302,56 +302,37 @@ def training_fits(model, shape) -> bool:
     return needed * 4 < comfy.model_management.get_free_memory(model.load_device)
 
 
-class CheckpointedBlock(torch.nn.Module):
-    """A transformer block that keeps no activations for backward and recomputes them instead."""
+class RecomputedForward:
+    """A block's forward that keeps no activations for backward and recomputes them instead.
+
+    Installed as an object patch on the block's `forward` attribute rather than by wrapping the
+    block in another module, so every weight keeps its module path: LoRA and other weight patches
+    are attached by path, and a wrapper module would hide the block's weights from them.
+    """
 
     def __init__(self, block: torch.nn.Module) -> None:
-        """Wrap `block` (a ComfyUI BasicTransformerBlock)."""
-        super().__init__()
+        """Recompute `block` (a ComfyUI BasicTransformerBlock or ResBlock)."""
         self.block = block
 
-    def forward(self, x, context=None, transformer_options={}):  # noqa: B006 - ComfyUI's own signature
+    def __call__(self, *args, **kwargs):
         """Return the block's output; under autograd its inner activations are recomputed in backward."""
+        # The class's forward, never another clone's patch that may still be on the instance.
+        forward = type(self.block).forward
         if not torch.is_grad_enabled():
-            return self.block(x, context=context, transformer_options=transformer_options)
-        # The UNet rewrites keys such as "block" in this dict as it goes; the recomputation in
-        # backward must see them as they are now, so it gets a snapshot.
-        options = dict(transformer_options)
-        return torch.utils.checkpoint.checkpoint(
-            self.block, x, context=context, transformer_options=options, use_reentrant=False
-        )
-
-
-class CheckpointedResBlock(comfy_unet.TimestepBlock):
-    """A UNet residual block that keeps no activations for backward and recomputes them instead."""
-
-    # A TimestepBlock, so the UNet still hands it the timestep embedding.
-    def __init__(self, block: torch.nn.Module) -> None:
-        """Wrap `block` (a ComfyUI ResBlock)."""
-        super().__init__()
-        self.block = block
-
-    def forward(self, x, emb):
-        """Return the block's output; under autograd its inner activations are recomputed in backward."""
-        if not torch.is_grad_enabled():
-            return self.block(x, emb)
-        return torch.utils.checkpoint.checkpoint(self.block, x, emb, use_reentrant=False)
-
-
-_CHECKPOINTED = (CheckpointedBlock, CheckpointedResBlock)
+            return forward(self.block, *args, **kwargs)
+        # The UNet rewrites keys such as "block" in transformer_options as it goes; the
+        # recomputation in backward must see them as they are now, so dicts are snapshotted.
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(forward, self.block, *args, use_reentrant=False, **kwargs)
 
 
 def _checkpoint_patches(module: torch.nn.Module, prefix: str) -> Iterator[tuple]:
-    """Yield (module path, checkpointing wrapper) for every transformer and residual block under `module`."""
+    """Yield (attribute path, recomputing forward) for every transformer and residual block under `module`."""
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
-        if isinstance(child, _CHECKPOINTED):
-            # Another clone's wrapper may still be in place; wrap the block it wraps.
-            yield name, type(child)(child.block)
-        elif type(child) is comfy_unet.ResBlock:  # not its video subclass, which takes more arguments
-            yield name, CheckpointedResBlock(child)
-        elif isinstance(child, comfy_attention.BasicTransformerBlock):
-            yield name, CheckpointedBlock(child)
+        if isinstance(child, (comfy_unet.ResBlock, comfy_attention.BasicTransformerBlock)):
+            yield f"{name}.forward", RecomputedForward(child)
         else:
             yield from _checkpoint_patches(child, f"{name}.")
 
@@ -359,8 +340,8 @@ def _checkpoint_patches(module: torch.nn.Module, prefix: str) -> Iterator[tuple]
 def checkpointed_clone(model):
     """Return a clone of `model` whose transformer and residual blocks recompute their activations in backward."""
     clone = model.clone()
-    for name, wrapper in _checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
-        clone.add_object_patch(name, wrapper)
+    for name, forward in _checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
+        clone.add_object_patch(name, forward)
     return clone
 
 

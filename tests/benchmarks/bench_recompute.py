@@ -72,9 +72,11 @@ def main(argv=None) -> int:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     transformer_only = model.clone()
-    for name, wrapper in host._checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
-        if isinstance(wrapper, host.CheckpointedBlock):
-            transformer_only.add_object_patch(name, wrapper)
+    import comfy.ldm.modules.attention as comfy_attention
+
+    for name, forward in host._checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
+        if isinstance(forward.block, comfy_attention.BasicTransformerBlock):
+            transformer_only.add_object_patch(name, forward)
     versions = {"plain": model, "transformer blocks": transformer_only,
                 "transformer+residual": host.checkpointed_clone(model)}
     print(f"device {device}, UNet {models.dtype}, {args.size}px, batch 1")

@@ -76,15 +76,41 @@ def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pa
     # Both kinds of block ran again in backward instead of keeping their activations.
     assert (plain_calls, ck_calls) == ((1, 1), (2, 2))
 
-    # A second clone made while the first's wrappers are in place wraps ComfyUI's blocks, not the wrappers.
-    again = host.checkpointed_clone(model)
-    wrappers = list(again.object_patches.values())
-    assert len(wrappers) == len(blocks(model)) + len(res_blocks(model))
-    assert all(not isinstance(w.block, (host.CheckpointedBlock, host.CheckpointedResBlock)) for w in wrappers)
+    # The patches replace the blocks' forward and leave every module where it was, so weight
+    # patches (attached by module path) still reach the blocks' weights.
+    patches = checkpointed.object_patches
+    assert len(patches) == len(blocks(model)) + len(res_blocks(model))
+    assert all(name.endswith(".forward") for name in patches)
+    assert all(type(f.block).__name__ in ("BasicTransformerBlock", "ResBlock") for f in patches.values())
 
-    host.load(model)  # loading the unpatched model puts ComfyUI's own blocks back
-    assert not any(isinstance(b, host.CheckpointedBlock) for b in blocks(model))
-    assert not any(isinstance(b, host.CheckpointedResBlock) for b in res_blocks(model))
+    host.load(model)  # loading the unpatched model puts ComfyUI's own forwards back
+    assert not any(isinstance(m.__dict__.get("forward"), host.RecomputedForward)
+                   for m in model.model.diffusion_model.modules())
+
+
+def test_checkpointed_clone_keeps_weight_patches_when_loaded_first(pack, comfy_session):
+    """A LoRA-like weight patch reaches the checkpointed clone even when it is the first to be loaded."""
+    host = pack.host
+    with torch.inference_mode():
+        model = comfy_tiny.tiny_sd15_model(seed=5)
+    keys = [k for k in model.model.state_dict() if k.endswith(("attn1.to_q.weight", "in_layers.2.weight"))]
+    assert any("transformer_blocks" in k for k in keys) and any("in_layers" in k for k in keys)
+    patched = model.clone()
+    for key in keys:
+        patched.add_patches({key: (torch.full_like(model.model.state_dict()[key], 0.5),)}, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x, sigma, cond = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([2.0]), torch.randn(1, 77, 64, generator=g)
+
+    def run(version):
+        host.load(version)
+        with torch.no_grad():
+            return host.Denoiser(version)(x, sigma, {"c_crossattn": cond})
+
+    checkpointed = run(host.checkpointed_clone(patched))  # loaded first, onto the unpatched weights
+    plain = run(patched)
+    base = run(model)
+    assert float((plain - base).abs().max()) > 1e-2  # the patch matters
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
 
 
 def test_training_nodes_give_the_same_results_when_memory_is_short(pack, comfy_session, monkeypatch):
