@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 
 from ..vct_ops import ROLE_UNCOND, ROLES_KEY
 from ..vct_ops.validate import check_latent
+from . import compat
 
 log = logging.getLogger("ComfyUI-VCT")
 
@@ -268,7 +269,7 @@ class Denoiser:
     def fits(self, x: torch.Tensor) -> bool:
         """Return whether one model call on all rows of `x` fits in the device's free memory."""
         needed = self.model.model.memory_required(list(x.shape))
-        return needed * 1.5 < comfy.model_management.get_free_memory(self.device)
+        return needed * 1.5 < compat.free_memory(self.model, self.device)
 
     def _call(self, x, sigma, cond, options):
         # The keys ComfyUI's samplers always give other packs' patches (Deep Shrink reads sigmas,
@@ -299,7 +300,7 @@ def training_fits(model, shape) -> bool:
     factor is applied.
     """
     needed = model.model.memory_required(list(shape))
-    return needed * 4 < comfy.model_management.get_free_memory(model.load_device)
+    return needed * 4 < compat.free_memory(model, model.load_device)
 
 
 class RecomputedForward:
@@ -360,6 +361,25 @@ def load(model) -> None:
     comfy.model_management.load_models_gpu([model])
 
 
+def load_for_training(model, clip=None) -> tuple:
+    """Load `model` (and `clip`) for passes with gradients; return the (model, clip) to run them through.
+
+    Where weights are cast to the device per call (Dynamic VRAM, or a model only partly loaded),
+    the returned clones give autograd private copies of the casts, so backward never reads a
+    buffer that a later layer has reused.
+    """
+    model = compat.gradient_safe_model(model)
+    clip = compat.gradient_safe_clip(clip) if clip is not None else None
+    patchers = [model] + ([clip.patcher] if clip is not None else [])
+    comfy.model_management.load_models_gpu(patchers)
+    # A non-dynamic model shows whether it was only partly loaded once it is loaded.
+    safe_model, safe_clip = compat.gradient_safe_model(model), compat.gradient_safe_clip(clip) if clip else None
+    if safe_model is not model or safe_clip is not clip:
+        model, clip = safe_model, safe_clip
+        comfy.model_management.load_models_gpu([model] + ([clip.patcher] if clip is not None else []))
+    return model, clip
+
+
 def make_autograd_safe(module: torch.nn.Module) -> int:
     """Return how many inference-mode parameters/buffers were replaced by ordinary tensors of equal value.
 
@@ -381,8 +401,8 @@ def make_autograd_safe(module: torch.nn.Module) -> int:
 
 @contextlib.contextmanager
 def training_mode() -> Iterator[None]:
-    """Enable autograd inside ComfyUI's inference-mode node execution."""
-    with torch.inference_mode(False), torch.enable_grad():
+    """Enable autograd inside ComfyUI's inference-mode node execution, with ComfyUI's differentiable kernels."""
+    with torch.inference_mode(False), torch.enable_grad(), compat.training_kernels():
         yield
 
 

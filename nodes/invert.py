@@ -166,7 +166,7 @@ class VCTNullTextInvert(io.ComfyNode):
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
         model, _ = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
         with host.training_mode():
-            host.load(model)
+            model, _ = host.load_for_training(model)
             unet = model.model.diffusion_model
             host.make_autograd_safe(unet)
             with frozen(unet):

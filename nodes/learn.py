@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import comfy.model_management
 import torch
 from comfy_api.latest import io
 
@@ -100,7 +99,7 @@ class VCTConceptLearn(io.ComfyNode):
         fuse = host.training_fits(model, (grad_accum, *references.shape[1:]))
         model, _ = host.training_model(model, (1, *references.shape[1:]))
         with host.training_mode():
-            comfy.model_management.load_models_gpu([model, clip.patcher])
+            model, clip = host.load_for_training(model, clip)
             config = vct_ops.ConceptConfig(
                 steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
                 prediction=host.prediction_type(model), fuse_accumulation=fuse,

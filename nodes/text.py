@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from .. import vct_ops
-from . import host
+from . import compat, host
 
 
 @dataclasses.dataclass
@@ -93,8 +93,13 @@ class GradientEncoder:
     """
 
     def __init__(self, encoders: list[TextEncoder], model, latent_shape, device: torch.device) -> None:
-        """Prepare the encoders with the options encode_from_tokens would set (e.g. CLIPSetLastLayer)."""
+        """Prepare the encoders with the options encode_from_tokens would set (e.g. CLIPSetLastLayer).
+
+        `device` is the model's. The text encoder runs on its patcher's load device, where ComfyUI's
+        own encode runs it: under Dynamic VRAM its weights stay in system memory, cast per call.
+        """
         self.encoders, self.model, self.latent_shape, self.device = encoders, model, latent_shape, device
+        self.text_device = compat.text_device(encoders[0].clip)
         clip = encoders[0].clip
         clip.cond_stage_model.reset_clip_options()
         if getattr(clip, "layer_idx", None) is not None:
@@ -115,7 +120,7 @@ class GradientEncoder:
 
     def _encode(self, encoder: TextEncoder, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         module = encoder.module
-        text_device = module.transformer.get_input_embeddings().weight.device
+        text_device = self.text_device
         tokens = [pair[0] for pair in concept_tokens(encoder, vectors.to(text_device))]  # weights are all 1
         embeds, mask, num_tokens, _ = module.process_tokens([tokens], text_device)
         if module.layer == "all":

@@ -288,6 +288,17 @@ def _ctrl_c_interrupts():
         mm.interrupt_current_processing(False)
 
 
+def load_compat():
+    """Return the pack's ComfyUI-version adapter (nodes/compat.py), loaded from its file once ComfyUI is importable."""
+    name = "vct_compat"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "nodes" / "compat.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def execute(prompt: dict, outputs: list[str]) -> list[Path]:
     """Run a validated prompt with ComfyUI's PromptExecutor; return the absolute paths of the saved images."""
     import comfy.model_management
@@ -314,7 +325,7 @@ def execute(prompt: dict, outputs: list[str]) -> list[Path]:
     if not had_server:
         server.PromptServer.instance = progress
     comfy.utils.set_progress_bar_global_hook(hook)
-    executor = execution.PromptExecutor(progress, cache_type=execution.CacheType.CLASSIC)
+    executor = load_compat().prompt_executor(execution, progress)
     try:
         with _ctrl_c_interrupts():
             executor.execute(prompt, str(uuid.uuid4()), {"client_id": "vct-run-workflow"}, outputs)

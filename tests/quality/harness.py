@@ -371,7 +371,7 @@ class Runner:
     def __init__(self, input_dir: Path, counter: PassCounter) -> None:
         self.input_dir = Path(input_dir)
         self.server = TimedServer(counter)
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.executor = comfy_runner.run_workflow.load_compat().prompt_executor(execution, self.server)
 
     def run(self, task: Task, settings: Settings = Settings(), groups: tuple[str, ...] = ("main",),
             text_tokens: int = 4) -> Outcome:

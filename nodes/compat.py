@@ -1,0 +1,123 @@
+"""Everything that differs between the ComfyUI versions the pack supports, decided by feature detection.
+
+Supported: ComfyUI 0.3.64 (the pinned test host) through 0.38.x. What differs, and where it is
+handled here:
+- `execution.PromptExecutor` takes `cache_args` (0.38.x reads `cache_args["ram"]` and
+  `["ram_inactive"]` on every prompt) -> `prompt_executor`.
+- Dynamic VRAM (0.38.x on NVIDIA by default): a patcher's `is_dynamic()` is true, its weights stay
+  in system memory and every layer casts them per call into device buffers that later layers
+  reuse. Autograd would keep views of those buffers for backward and read what a later layer
+  wrote there (wrong gradients, silently); partially loaded models on 0.38.x cast into shared
+  per-stream buffers too -> `gradient_safe_model`, `gradient_safe_clip`.
+- Free memory: 0.38.x's `ModelPatcher.get_free_memory(device)` also counts what Dynamic VRAM can
+  evict on demand, which `comfy.model_management.get_free_memory` does not -> `free_memory`.
+- `comfy.model_management.in_training` (0.38.x) selects differentiable kernels -> `training_kernels`.
+
+This file imports only ComfyUI and torch, never the rest of the pack, so the headless runner can
+load it from its path.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Iterator
+
+import comfy.model_management
+import torch
+
+
+def prompt_executor(execution, server):
+    """Return an `execution.PromptExecutor` for `server` with classic (keep everything) caching, on any version."""
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        # main.py's values for classic caching: no LRU size, no RAM-pressure limits.
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    return execution.PromptExecutor(server, **kwargs)
+
+
+def is_dynamic(patcher) -> bool:
+    """Return whether a ModelPatcher loads its weights with Dynamic VRAM (cast per call, never resident)."""
+    check = getattr(patcher, "is_dynamic", None)
+    return bool(check()) if callable(check) else False
+
+
+def free_memory(patcher, device) -> int:
+    """Return the bytes a model call on `device` can use, counting what Dynamic VRAM would free on demand."""
+    own = getattr(patcher, "get_free_memory", None)
+    if callable(own):
+        return own(device)
+    return comfy.model_management.get_free_memory(device)
+
+
+def offloads_weights(patcher) -> bool:
+    """Return whether the loaded patcher casts some weights to the device per call instead of holding them there."""
+    return is_dynamic(patcher) or bool(getattr(patcher.model, "model_lowvram", False))
+
+
+def _own_copy_under_autograd(tensor: torch.Tensor) -> torch.Tensor:
+    # A weight function runs on every per-call cast. Under autograd the layer saves its weight
+    # for backward; a private copy cannot be overwritten by the next layer's cast.
+    return tensor.clone() if torch.is_grad_enabled() else tensor
+
+
+def _cast_parameter_keys(module: torch.nn.Module, prefix: str) -> Iterator[str]:
+    """Yield the state keys of the weights and biases that ComfyUI's ops may cast per call."""
+    for name, child in module.named_modules():
+        if not hasattr(child, "comfy_cast_weights"):
+            continue
+        for param in ("weight", "bias"):
+            if getattr(child, param, None) is not None:
+                yield f"{prefix}{name}.{param}" if name else f"{prefix}{param}"
+
+
+def with_private_casts(patcher, root: torch.nn.Module, prefix: str):
+    """Return a clone of `patcher` whose per-call weight casts give autograd a private copy under gradients."""
+    clone = patcher.clone()
+    for key in _cast_parameter_keys(root, prefix):
+        clone.add_weight_wrapper(key, _own_copy_under_autograd)
+    return clone
+
+
+def has_private_casts(patcher) -> bool:
+    """Return whether `patcher` already gives autograd private copies of its weight casts."""
+    wrappers = getattr(patcher, "weight_wrapper_patches", {})
+    return any(_own_copy_under_autograd in functions for functions in wrappers.values())
+
+
+def gradient_safe_model(model):
+    """Return `model`, or when its weights are cast per call (Dynamic VRAM, partial loads) a clone whose casts
+    autograd can keep."""
+    if not offloads_weights(model) or has_private_casts(model):
+        return model
+    return with_private_casts(model, model.model, "")
+
+
+def gradient_safe_clip(clip):
+    """Return `clip`, or when its text encoder is cast per call a CLIP clone whose casts autograd can keep."""
+    if not offloads_weights(clip.patcher) or has_private_casts(clip.patcher):
+        return clip
+    clone = clip.clone()
+    clone.patcher = with_private_casts(clip.patcher, clip.patcher.model, "")
+    return clone
+
+
+def text_device(clip) -> torch.device:
+    """Return the device the text encoder runs on: its patcher's load device, as ComfyUI's own encode uses.
+
+    Under Dynamic VRAM the weights stay in system memory, so their device says nothing.
+    """
+    return clip.patcher.load_device
+
+
+@contextlib.contextmanager
+def training_kernels() -> Iterator[None]:
+    """Within, ComfyUI (0.38.x) picks differentiable kernels over inference-only fused ones; a no-op before."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
