@@ -380,20 +380,22 @@ def load_for_training(model, clip=None) -> tuple:
     return model, clip
 
 
-def make_autograd_safe(module: torch.nn.Module) -> int:
+def make_autograd_safe(module: torch.nn.Module, device: Optional[torch.device] = None) -> int:
     """Return how many inference-mode parameters/buffers were replaced by ordinary tensors of equal value.
 
     ComfyUI builds and loads models inside `torch.inference_mode()`; such tensors cannot be saved
-    for backward, which gradients through the frozen model need. Values are unchanged.
+    for backward, which gradients through the frozen model need. Values are unchanged. With
+    `device`, tensors held elsewhere are left alone: they are cast per call, and `load_for_training`
+    gives autograd private copies of those casts (no second copy of an offloaded model in RAM).
     """
     replaced = 0
     with torch.inference_mode(False):
         for name, param in list(module.named_parameters()):
-            if param.is_inference():
+            if param.is_inference() and (device is None or param.device.type == device.type):
                 comfy.utils.set_attr_param(module, name, param.detach().clone())
                 replaced += 1
         for name, buf in list(module.named_buffers()):
-            if buf.is_inference():
+            if buf.is_inference() and (device is None or buf.device.type == device.type):
                 comfy.utils.set_attr(module, name, buf.clone())
                 replaced += 1
     return replaced

@@ -168,7 +168,7 @@ class VCTNullTextInvert(io.ComfyNode):
         with host.training_mode():
             model, _ = host.load_for_training(model)
             unet = model.model.diffusion_model
-            host.make_autograd_safe(unet)
+            host.make_autograd_safe(unet, model.load_device)
             with frozen(unet):
                 result = vct_ops.null_text_invert(
                     host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device)),

@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import host, storage, text
+from . import compat, host, storage, text
 from .invert import frozen
 from .payloads import Concept, ConceptData
 from .plots import loss_curve
@@ -105,8 +105,9 @@ class VCTConceptLearn(io.ComfyNode):
                 prediction=host.prediction_type(model), fuse_accumulation=fuse,
             )
             modules = [model.model.diffusion_model] + [e.module for e in encoders]
-            for module in modules:
-                host.make_autograd_safe(module)
+            host.make_autograd_safe(model.model.diffusion_model, device)
+            for e in encoders:
+                host.make_autograd_safe(e.module, compat.text_device(clip))
             with contextlib.ExitStack() as stack:
                 for module in modules:
                     stack.enter_context(frozen(module))
