@@ -60,20 +60,20 @@ def _own_copy_under_autograd(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if torch.is_grad_enabled() else tensor
 
 
-def _cast_parameter_keys(module: torch.nn.Module, prefix: str) -> Iterator[str]:
-    """Yield the state keys of the weights and biases that ComfyUI's ops may cast per call."""
+def _cast_weight_keys(module: torch.nn.Module, prefix: str) -> Iterator[str]:
+    """Yield the state keys of the weights that ComfyUI's ops may cast per call.
+
+    Biases are left alone: linear, convolution and norm layers never keep them for backward.
+    """
     for name, child in module.named_modules():
-        if not hasattr(child, "comfy_cast_weights"):
-            continue
-        for param in ("weight", "bias"):
-            if getattr(child, param, None) is not None:
-                yield f"{prefix}{name}.{param}" if name else f"{prefix}{param}"
+        if hasattr(child, "comfy_cast_weights") and getattr(child, "weight", None) is not None:
+            yield f"{prefix}{name}.weight" if name else f"{prefix}weight"
 
 
 def with_private_casts(patcher, root: torch.nn.Module, prefix: str):
     """Return a clone of `patcher` whose per-call weight casts give autograd a private copy under gradients."""
     clone = patcher.clone()
-    for key in _cast_parameter_keys(root, prefix):
+    for key in _cast_weight_keys(root, prefix):
         clone.add_weight_wrapper(key, _own_copy_under_autograd)
     return clone
 

@@ -1,6 +1,7 @@
 """VCT Save Inversion and VCT Load Inversion: keep the expensive inversion across restarts."""
 from __future__ import annotations
 
+import logging
 import os
 
 from comfy_api.latest import io
@@ -8,6 +9,25 @@ from comfy_api.latest import io
 from . import host, storage
 from .invert import check_matches_model
 from .payloads import Inversion
+
+log = logging.getLogger("ComfyUI-VCT")
+LIST_ROUTE = "/vct/inversions"
+
+
+async def list_inversions_route(request):
+    """Return the saved inversions as a JSON list (the Load Inversion list's remote source)."""
+    from aiohttp import web
+
+    return web.json_response(storage.list_inversions())
+
+
+def register_routes(server) -> bool:
+    """Add the pack's HTTP route to a running ComfyUI server (once); return whether it was added."""
+    routes = getattr(server, "routes", None)
+    if routes is None or any(getattr(r, "path", None) == LIST_ROUTE for r in routes):
+        return False
+    routes.get(LIST_ROUTE)(list_inversions_route)
+    return True
 
 
 class VCTSaveInversion(io.ComfyNode):
@@ -28,14 +48,22 @@ class VCTSaveInversion(io.ComfyNode):
                                 "added (e.g. inversion_00001.safetensors)."),
             ],
             outputs=[],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
-        """Write the file and show its name."""
+        """Write the file, log its path and show its name on the node."""
         path = storage.save_inversion(inversion, filename_prefix)
-        return io.NodeOutput(ui={"text": [os.path.basename(path)]})
+        name = os.path.basename(path)
+        log.info("VCT Save Inversion: saved %s", path)
+        node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        server = host.prompt_server()
+        if server is not None and node_id is not None:
+            # Progress text is what ComfyUI's frontend itself shows on a node.
+            server.send_progress_text(f"saved {storage.INVERSION_FOLDER}/{name}", node_id)
+        return io.NodeOutput(ui={"text": [name]})
 
 
 class VCTLoadInversion(io.ComfyNode):
@@ -54,7 +82,10 @@ class VCTLoadInversion(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the inversion was made with (same LoRAs)."),
                 io.Latent.Input("latent", tooltip="The encoded source image the inversion was made from."),
                 io.Combo.Input("inversion_file", options=storage.list_inversions(),
-                               tooltip="A file in output/vct_inversions/."),
+                               # Fetched again from the server when the list is opened or refreshed, so a
+                               # file saved by this session's Save Inversion shows up without a reload.
+                               remote=io.RemoteOptions(route=LIST_ROUTE, refresh_button=True),
+                               tooltip="A file in output/vct_inversions/ (the button below refreshes the list)."),
             ],
             outputs=[Inversion.Output("inversion", tooltip="The loaded inversion.")],
         )

@@ -408,6 +408,13 @@ def training_mode() -> Iterator[None]:
         yield
 
 
+def prompt_server():
+    """Return ComfyUI's running PromptServer, or None where there is none (headless tools, tests)."""
+    import server
+
+    return getattr(server.PromptServer, "instance", None)
+
+
 class Progress:
     """A ComfyUI progress bar that is also a cancellation point."""
 

@@ -131,7 +131,8 @@ class VCTNullTextInvert(io.ComfyNode):
             outputs=[
                 Inversion.Output("tuned_inversion", display_name="inversion",
                                  tooltip="The inversion with its per-step null embeddings."),
-                io.Image.Output("loss", tooltip="Final reconstruction loss of every step (log scale)."),
+                io.Image.Output("loss", display_name="loss plot",
+                                tooltip="Final reconstruction loss of every step (log scale); connect a PreviewImage."),
             ],
         )
 

@@ -48,8 +48,8 @@ class VCTConceptLearn(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Latent.Input("latent", tooltip="The reference image(s) encoded with VAEEncode (512x512 like the "
                                 "paper works best). Several images in a batch are sampled at random."),
-                io.String.Input("initializer", default="", tooltip="A word close to the concept, e.g. 'girl', 'dog' "
-                                "or 'painting'; the vectors start from its token embeddings."),
+                io.String.Input("initializer", default="object", tooltip="A word close to the concept, e.g. 'girl', "
+                                "'dog' or 'painting'; the vectors start from its token embeddings."),
                 io.Int.Input("num_vectors", default=3, min=1, max=16, tooltip="How many token vectors stand for "
                              "the concept (3 in the paper)."),
                 io.Int.Input("steps", default=500, min=1, max=10000, tooltip="Optimisation steps (500 in the paper; "
@@ -61,7 +61,8 @@ class VCTConceptLearn(io.ComfyNode):
                              "each with its own timestep and noise (4 in the reference)."),
                 io.Float.Input("l1_weight", default=1.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Weight of the L1 loss on the predicted clean latent (1 in the reference)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                # "fixed" by default: a new seed per Run would repeat the whole learning every time.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate="fixed",
                              tooltip="Seed for timesteps, noise and flips; the same seed repeats a run on the "
                              "same device."),
                 io.String.Input("embedding_name", default="", tooltip="When set, saves the vectors as "
@@ -72,7 +73,8 @@ class VCTConceptLearn(io.ComfyNode):
             outputs=[
                 io.Conditioning.Output("conditioning", tooltip="The concept prompt, for VCT Dual-Branch Sampler."),
                 Concept.Output("concept", tooltip="The learned vectors and their loss history."),
-                io.Image.Output("loss", tooltip="Training loss per step."),
+                io.Image.Output("loss", display_name="loss plot",
+                                tooltip="Training loss per step (log scale); connect a PreviewImage."),
             ],
         )
 

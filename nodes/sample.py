@@ -106,8 +106,10 @@ class VCTDualBranchSampler(io.ComfyNode):
                                "token and all but the last concept token)."),
             ],
             outputs=[
-                io.Latent.Output("latent", tooltip="The translated image B; decode with VAEDecode."),
-                io.Latent.Output("reconstruction", tooltip="The reconstruction B* (should match the source)."),
+                io.Latent.Output("latent", display_name="translation",
+                                 tooltip="The translated image B; decode with VAEDecode."),
+                io.Latent.Output("reconstruction", display_name="reconstruction B*",
+                                 tooltip="The reconstruction B* (should match the source); decode with VAEDecode."),
             ],
         )
 
