@@ -87,7 +87,7 @@ class VCTLoadInversion(io.ComfyNode):
                                remote=io.RemoteOptions(route=LIST_ROUTE, refresh_button=True),
                                tooltip="A file in output/vct_inversions/ (the button below refreshes the list)."),
             ],
-            outputs=[Inversion.Output("inversion", tooltip="The loaded inversion.")],
+            outputs=[Inversion.Output("inversion", display_name="inversion", tooltip="The loaded inversion.")],
         )
 
     @classmethod

@@ -62,10 +62,11 @@ class VCTDDIMInvert(io.ComfyNode):
                              "Every VCT node downstream uses the same schedule."),
             ],
             outputs=[
-                Inversion.Output("inversion", tooltip="The inversion path; feed it to VCT Content Null-Text Invert."),
-                io.Latent.Output("noise", tooltip="The inverted noise z*_T as a sampler state at the schedule's "
-                                 "first sigma (t = 980 for 50 steps), for samplers started at that sigma with "
-                                 "add_noise disabled."),
+                Inversion.Output("inversion", display_name="inversion",
+                                 tooltip="The inversion path; feed it to VCT Content Null-Text Invert."),
+                io.Latent.Output("noise", display_name="noise",
+                                 tooltip="The inverted noise z*_T as a sampler state at the schedule's first sigma "
+                                 "(t = 980 for 50 steps), for samplers started at that sigma with add_noise disabled."),
             ],
         )
 

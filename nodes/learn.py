@@ -71,8 +71,10 @@ class VCTConceptLearn(io.ComfyNode):
                                  "of that name."),
             ],
             outputs=[
-                io.Conditioning.Output("conditioning", tooltip="The concept prompt, for VCT Dual-Branch Sampler."),
-                Concept.Output("concept", tooltip="The learned vectors and their loss history."),
+                io.Conditioning.Output("conditioning", display_name="conditioning",
+                                       tooltip="The concept prompt, for VCT Dual-Branch Sampler."),
+                Concept.Output("concept", display_name="concept",
+                               tooltip="The learned vectors and their loss history."),
                 io.Image.Output("loss", display_name="loss plot",
                                 tooltip="Training loss per step (log scale); connect a PreviewImage."),
             ],

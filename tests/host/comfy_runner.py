@@ -1,6 +1,6 @@
 """Running things the way ComfyUI runs them, headless: loading a custom node pack, validating and
 executing API-format prompts with ComfyUI's own executor, and (re-exported from the pack's
-workflows/run_workflow.py, which owns it) converting UI-format workflows to API prompts.
+tools/run_workflow.py, which owns it) converting UI-format workflows to API prompts.
 
 ComfyUI 0.3.6x signatures this relies on (checked against 0.3.64):
 - `async nodes.load_custom_node(module_path, ignore=set(), module_parent="custom_nodes") -> bool`
@@ -256,18 +256,18 @@ def run_prompt(prompt: dict, *, executor=None, extra_data: dict | None = None, p
 
 
 # ----------------------------------------------------------------------------------------------
-# (c) UI workflow -> API prompt: owned by the product, workflows/run_workflow.py (not a package,
+# (c) UI workflow -> API prompt: owned by the product, tools/run_workflow.py (not a package,
 #     so loaded from its file); re-exported here under the names the tests use
 # ----------------------------------------------------------------------------------------------
 
 def _load_run_workflow():
-    """The pack's workflows/run_workflow.py as a module (registered as `vct_run_workflow`)."""
+    """The pack's tools/run_workflow.py as a module (registered as `vct_run_workflow`)."""
     import importlib.util
 
     name = "vct_run_workflow"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, comfy_env.REPO_ROOT / "workflows" / "run_workflow.py")
+    spec = importlib.util.spec_from_file_location(name, comfy_env.REPO_ROOT / "tools" / "run_workflow.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

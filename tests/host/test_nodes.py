@@ -13,7 +13,7 @@ import torch
 EXPECTED_NODES = {"VCTDDIMInvert", "VCTNullTextInvert", "VCTConceptLearn", "VCTDualBranchSampler",
                   "VCTSaveInversion", "VCTLoadInversion"}
 STEPS = 10
-WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 
 
 def test_pack_registers_exactly_the_documented_nodes(vct_pack):

@@ -1,4 +1,4 @@
-"""workflows/run_workflow.py, the headless runner, inside the test session's ComfyUI (already bootstrapped)."""
+"""tools/run_workflow.py, the headless runner, inside the test session's ComfyUI (already bootstrapped)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 rw = comfy_runner.run_workflow
-SHIPPED = sorted(p.stem.removeprefix("vct_") for p in rw.WORKFLOWS_DIR.glob("vct_*.json"))
+SHIPPED = sorted(rw.shipped_workflows())
 SMALL = ["ImageScale.width=32", "ImageScale.height=32", "VCTDDIMInvert.steps=3", "VCTNullTextInvert.inner_steps=2",
          "VCTConceptLearn.steps=2", "VCTConceptLearn.grad_accum=1", "VCTConceptLearn.embedding_name="]
 
@@ -31,7 +31,7 @@ def staged(comfy_session):
 
 
 def test_runner_module_imports_nothing_from_comfyui():
-    source = (rw.WORKFLOWS_DIR / "run_workflow.py").read_text()
+    source = (rw.TOOLS_DIR / "run_workflow.py").read_text()
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not [line for line in top_level if any(m in line for m in ("comfy", "nodes", "execution", "server",
                                                                        "folder_paths", "torch", "PIL"))]
@@ -73,8 +73,9 @@ def test_source_and_reference_loaders_come_from_the_links(workflow, vct_pack):
 
 
 def test_resolve_workflow_names():
-    for name in ("subject_translation", "vct_subject_translation", "vct_subject_translation.json"):
-        assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "vct_subject_translation.json").resolve()
+    assert SHIPPED == ["style_transfer", "subject_translation"]
+    for name in ("subject_translation", "vct_subject_translation", "VCT subject translation.json"):
+        assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "VCT subject translation.json").resolve()
     with pytest.raises(rw.UsageError, match="shipped: .*style_transfer"):
         rw.resolve_workflow("no_such_workflow")
 

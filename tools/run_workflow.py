@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a shipped VCT workflow headless, in-process, with your own ComfyUI install:
 
-    python ComfyUI/custom_nodes/ComfyUI-VCT/workflows/run_workflow.py --comfyui ComfyUI \\
+    python ComfyUI/custom_nodes/ComfyUI-VCT/tools/run_workflow.py --comfyui ComfyUI \\
         --workflow subject_translation --checkpoint v1-5-pruned-emaonly.safetensors \\
         --source photo.jpg --reference dog.jpg [--set VCTConceptLearn.steps=200] [--cpu]
 
@@ -25,8 +25,9 @@ import threading
 import uuid
 from pathlib import Path
 
-WORKFLOWS_DIR = Path(os.path.abspath(__file__)).parent  # not resolved: the pack may be a symlink in custom_nodes
-PACK_ROOT = WORKFLOWS_DIR.parent
+TOOLS_DIR = Path(os.path.abspath(__file__)).parent  # not resolved: the pack may be a symlink in custom_nodes
+PACK_ROOT = TOOLS_DIR.parent
+WORKFLOWS_DIR = PACK_ROOT / "example_workflows"  # the folder ComfyUI lists as the pack's templates
 log = logging.getLogger("vct.run_workflow")
 
 
@@ -93,7 +94,7 @@ def _load_sibling(name: str):
     """Return the module in this folder's `<name>.py` (the folder is not a package; the runner may be a script)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, WORKFLOWS_DIR / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -111,13 +112,26 @@ set_inputs, load_workflow, api_prompt_from_file = (
 
 # ---------------------------------------------------------------------------- preparing the prompt
 
+def _workflow_key(name: str) -> str:
+    """Return a shipped workflow's short name: 'VCT subject translation.json' -> 'subject_translation'."""
+    stem = name[: -len(".json")] if name.lower().endswith(".json") else name
+    key = "_".join(stem.lower().replace("-", " ").replace("_", " ").split())
+    return key.removeprefix("vct_")
+
+
+def shipped_workflows() -> dict:
+    """Return {short name: file} of the workflows shipped in example_workflows/."""
+    return {_workflow_key(p.name): p for p in sorted(WORKFLOWS_DIR.glob("*.json"))}
+
+
 def resolve_workflow(name) -> Path:
-    """Return the file of a workflow given as a path or a shipped name (`subject_translation`, `vct_style_transfer`)."""
-    for cand in (Path(name), *(WORKFLOWS_DIR / f"{p}{name}{s}" for p in ("", "vct_") for s in ("", ".json"))):
-        if cand.is_file():
-            return cand.resolve()
-    shipped = ", ".join(sorted(p.stem.removeprefix("vct_") for p in WORKFLOWS_DIR.glob("*.json")))
-    raise UsageError(f"--workflow {name}: no such file or shipped workflow (shipped: {shipped})")
+    """Return the file of a workflow given as a path or a shipped name (`subject_translation`, `style_transfer`)."""
+    if Path(name).is_file():
+        return Path(name).resolve()
+    shipped = shipped_workflows()
+    if _workflow_key(str(name)) in shipped:
+        return shipped[_workflow_key(str(name))].resolve()
+    raise UsageError(f"--workflow {name}: no such file or shipped workflow (shipped: {', '.join(sorted(shipped))})")
 
 
 def _upstream(prompt: dict, node_id: str, input_name: str) -> list[str]:

@@ -1,0 +1,177 @@
+"""What a user meets in the browser: the shipped templates' layout, thumbnails and model links, the
+nodes' labels and defaults, the loss plots, and what Save / Load Inversion show."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+from pathlib import Path
+
+import comfy_runner
+import pytest
+from test_nodes import Pack
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "example_workflows"
+WORKFLOWS = sorted(TEMPLATES.glob("*.json"))
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT = 30, 20, 24  # the frontend's node metrics, in canvas px
+PREVIEW_NODES = {"LoadImage": 220, "SaveImage": 220, "PreviewImage": 160}  # room their image preview needs
+
+
+@pytest.fixture(scope="module")
+def pack(vct_pack):
+    return Pack(vct_pack)
+
+
+def least_height(node: dict) -> int:
+    """Return a lower bound of the body height the frontend gives a node: its slots, widgets and preview."""
+    if node["type"] in ("Note", "MarkdownNote"):
+        return 60
+    widgets = comfy_runner.widget_layout(node["type"])
+    rows = len(widgets) + sum(w["control"] for w in widgets)
+    sockets = [i for i in node.get("inputs", []) if not i.get("widget")]
+    return (10 + max(len(sockets), len(node.get("outputs", []))) * SLOT_HEIGHT + rows * WIDGET_HEIGHT
+            + PREVIEW_NODES.get(node["type"], 0))
+
+
+def boxes(workflow: dict) -> dict:
+    """Return {node id: (left, top, right, bottom)} including the title bar drawn above `pos`."""
+    out = {}
+    for node in workflow["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        out[node["id"]] = (x, y - TITLE_HEIGHT, x + w, y + max(h, least_height(node)))
+    return out
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_template_nodes_never_overlap(path, vct_pack):
+    workflow = json.loads(path.read_text())
+    found = boxes(workflow)
+    overlaps = [(a, b) for (a, ba), (b, bb) in itertools.combinations(found.items(), 2)
+                if ba[0] < bb[2] and bb[0] < ba[2] and ba[1] < bb[3] and bb[1] < ba[3]]
+    assert not overlaps, f"overlapping nodes (ids) in {path.name}: {overlaps}"
+
+
+def test_example_workflows_hold_only_templates_and_their_thumbnails():
+    files = sorted(p.name for p in TEMPLATES.iterdir())
+    stems = {p.stem for p in WORKFLOWS}
+    assert len(stems) == 2
+    assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
+    assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_templates_link_their_checkpoint_for_the_missing_models_dialog(path):
+    workflow = json.loads(path.read_text())
+    loaders = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert loaders
+    for node in loaders:
+        models = node["properties"]["models"]
+        assert [m["name"] for m in models] == [node["widgets_values"][0]]
+        for model in models:
+            assert model["directory"] == "checkpoints"
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+    assert {m["name"] for m in workflow["models"]} == {n["widgets_values"][0] for n in loaders}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_templates_title_their_decodes_and_label_outputs_as_the_nodes_do(path, vct_pack):
+    import nodes
+
+    workflow = json.loads(path.read_text())
+    decodes = sorted(n.get("title", "") for n in workflow["nodes"] if n["type"] == "VAEDecode")
+    assert decodes == ["Decode reconstruction B*", "Decode translation"]
+    for node in workflow["nodes"]:
+        cls = nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+        if node["type"].startswith("VCT") and cls is not None:
+            assert [o["name"] for o in node.get("outputs", [])] == list(cls.GET_NODE_INFO_V1()["output_name"])
+
+
+def output_names(node_id: str) -> list[str]:
+    import nodes
+
+    return list(nodes.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()["output_name"])
+
+
+def test_outputs_are_labelled(vct_pack):
+    assert output_names("VCTDualBranchSampler") == ["translation", "reconstruction B*"]
+    assert output_names("VCTNullTextInvert") == ["inversion", "loss plot"]
+    assert output_names("VCTConceptLearn") == ["conditioning", "concept", "loss plot"]
+    # Every node that gives an inversion calls it the same.
+    assert output_names("VCTDDIMInvert") == ["inversion", "noise"]
+    assert output_names("VCTLoadInversion") == ["inversion"]
+
+
+def test_a_fresh_concept_node_keeps_its_seed_and_has_a_usable_initializer(pack, vct_pack):
+    import comfy_tiny
+
+    info = comfy_runner.node_info("VCTConceptLearn")["input"]["required"]
+    assert info["seed"][1]["control_after_generate"] == "fixed"
+    word = info["initializer"][1]["default"]
+    assert word.strip()
+    clip = comfy_tiny.tiny_sd1_clip()
+    encoder = pack.text.text_encoders(clip, "test")[0]
+    assert pack.text.initializer_vectors(encoder, word, 3).shape[0] == 3
+
+
+def test_loss_plot_axes(pack):
+    import importlib
+
+    plots = importlib.import_module(pack.host.__name__.rsplit(".", 1)[0] + ".plots")
+    for count in (1, 2, 7, 50, 500, 1000, 2500):
+        ticks = plots.step_ticks(count)
+        assert ticks[0] == 1 and ticks == sorted(set(ticks)) and ticks[-1] <= count and len(ticks) <= 7
+        assert count - ticks[-1] <= (ticks[1] - ticks[0] if len(ticks) > 1 else 0)
+    assert plots.log_ticks(1e-5, 3e-2) == [1e-5, 1e-4, 1e-3, 1e-2]
+    assert plots.log_ticks(0.02, 0.09) == [0.02, 0.05]
+    assert len(plots.log_ticks(1e-12, 1e3)) <= 6
+    assert plots.log_ticks(0.011, 0.016) == [0.011, 0.016]  # no round value inside: the ends
+    assert [plots.tick_label(v) for v in (1e-5, 2e-4, 0.002, 0.5, 12, 1e6)] == ["1e-5", "2e-4", "0.002", "0.5", "12",
+                                                                               "1e6"]
+    image = plots.loss_curve([math.exp(-i / 40) for i in range(200)], "loss")
+    assert tuple(image.shape) == (1, plots.PLOT_SIZE[1], plots.PLOT_SIZE[0], 3)
+    assert float(image.min()) < 0.5  # something was drawn
+
+
+def test_save_inversion_logs_the_path_and_shows_the_name(tiny_checkpoint, comfy_session, caplog):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "VCTDDIMInvert", "inputs": {"model": ["1", 0], "latent": ["2", 0],
+                                                        "conditioning": ["3", 0], "steps": 2}},
+        "5": {"class_type": "VCTSaveInversion", "inputs": {"inversion": ["4", 0], "filename_prefix": "ui_test"}},
+    }
+    with caplog.at_level(logging.INFO, logger="ComfyUI-VCT"):
+        result = comfy_runner.run_prompt(prompt)
+    name = result.outputs["5"]["text"][0]
+    path = Path(comfy_session.output_dir) / "vct_inversions" / name
+    assert path.is_file()
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+    assert ("5", f"saved vct_inversions/{name}") in result.server.progress_text
+    path.unlink()
+
+
+def test_load_inversion_list_is_served_by_a_refreshable_route(pack, vct_pack, comfy_session):
+    from aiohttp import web
+
+    files = __import__(pack.host.__name__.rsplit(".", 1)[0] + ".files", fromlist=["files"])
+    spec = comfy_runner.node_info("VCTLoadInversion")["input"]["required"]["inversion_file"]
+    assert spec[1]["remote"]["route"] == files.LIST_ROUTE and spec[1]["remote"]["refresh_button"] is True
+
+    class Server:
+        routes = web.RouteTableDef()
+
+    assert files.register_routes(Server()) is True
+    assert files.register_routes(Server()) is False  # once per server
+    assert [r.path for r in Server.routes] == [files.LIST_ROUTE]
+    folder = Path(comfy_session.output_dir) / "vct_inversions"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "listed_00001.safetensors").write_bytes(b"")
+    try:
+        response = asyncio.run(files.list_inversions_route(None))
+        assert "listed_00001.safetensors" in json.loads(response.body)
+    finally:
+        (folder / "listed_00001.safetensors").unlink()

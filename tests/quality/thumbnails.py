@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Write the template thumbnails of the shipped workflows from the toy world's result grid.
+
+    python tests/quality/thumbnails.py [--grid docs/toy_world_grid.png]
+
+The grid is what `tests/benchmarks/bench_quality.py --grid` writes from a real run of the pack's
+nodes on the trained toy model: one task per row, columns source, reference, VCT, then two
+baselines, 64 px cells 4 px apart. Each thumbnail shows one task's source, reference and VCT
+output side by side, labelled; ComfyUI serves it as `<workflow name>.jpg` beside the workflow.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = Path(__file__).resolve().parents[2]
+CELL, GAP = 64, 4
+# Workflow -> grid row: a task whose reference brings its colour and shape (subject), and one whose
+# reference brings its texture and colour (style).
+ROWS = {"VCT subject translation": 0, "VCT style transfer": 5}
+LABELS = ("source", "reference", "VCT")
+
+
+def cell(grid: np.ndarray, row: int, column: int) -> np.ndarray:
+    """Return one 64 px cell of the grid."""
+    top, left = row * (CELL + GAP), column * (CELL + GAP)
+    return grid[top : top + CELL, left : left + CELL]
+
+
+def thumbnail(grid: np.ndarray, row: int, scale: int = 2) -> Image.Image:
+    """Return the labelled source | reference | VCT strip of one grid row."""
+    side, pad, label_h = CELL * scale, 12, 30
+    image = Image.new("RGB", (3 * side + 4 * pad, side + 2 * pad + label_h), (32, 32, 32))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=20)
+    except TypeError:
+        font = ImageFont.load_default()
+    for column, label in enumerate(LABELS):
+        tile = Image.fromarray(cell(grid, row, column)).resize((side, side), Image.NEAREST)
+        x = pad + column * (side + pad)
+        image.paste(tile, (x, pad))
+        box = draw.textbbox((0, 0), label, font=font)
+        draw.text((x + (side - (box[2] - box[0])) / 2, pad + side + 4), label, fill=(235, 235, 235), font=font)
+    return image
+
+
+def main(argv=None) -> int:
+    """Write one JPEG per shipped workflow into example_workflows/."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", type=Path, default=ROOT / "docs" / "toy_world_grid.png")
+    args = ap.parse_args(argv)
+    grid = np.asarray(Image.open(args.grid).convert("RGB"))
+    for name, row in ROWS.items():
+        path = ROOT / "example_workflows" / f"{name}.jpg"
+        thumbnail(grid, row).save(path, quality=90)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
