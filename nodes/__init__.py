@@ -5,9 +5,11 @@ from . import host
 from .files import VCTLoadInversion, VCTSaveInversion, register_routes
 from .invert import VCTDDIMInvert, VCTNullTextInvert
 from .learn import VCTConceptLearn
+from .prompt import VCTConceptPrompt
 from .sample import VCTDualBranchSampler
 
-NODES = [VCTDDIMInvert, VCTNullTextInvert, VCTConceptLearn, VCTDualBranchSampler, VCTSaveInversion, VCTLoadInversion]
+NODES = [VCTDDIMInvert, VCTNullTextInvert, VCTConceptLearn, VCTConceptPrompt, VCTDualBranchSampler, VCTSaveInversion,
+         VCTLoadInversion]
 
 
 class VCTExtension(ComfyExtension):

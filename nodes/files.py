@@ -82,10 +82,12 @@ class VCTLoadInversion(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the inversion was made with (same LoRAs)."),
                 io.Latent.Input("latent", tooltip="The encoded source image the inversion was made from."),
                 io.Combo.Input("inversion_file", options=storage.list_inversions(),
-                               # Fetched again from the server when the list is opened or refreshed, so a
-                               # file saved by this session's Save Inversion shows up without a reload.
+                               # Fetched from the server by the list's refresh button (and after each run
+                               # where the frontend's auto-refresh is on), so a file saved by Save
+                               # Inversion shows up without reloading the page.
                                remote=io.RemoteOptions(route=LIST_ROUTE, refresh_button=True),
-                               tooltip="A file in output/vct_inversions/ (the button below refreshes the list)."),
+                               tooltip="A file in output/vct_inversions/. Press refresh below the list after "
+                               "saving a new one."),
             ],
             outputs=[Inversion.Output("inversion", display_name="inversion", tooltip="The loaded inversion.")],
         )

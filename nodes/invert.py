@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import host
+from . import host, text
 from .payloads import Inversion, InversionData, stack_steps
 from .plots import loss_curve
 
@@ -94,6 +94,7 @@ class VCTDDIMInvert(io.ComfyNode):
             source_latent=latent["samples"].detach().float().cpu(),
             model_fingerprint=host.model_fingerprint(model),
             family=family,
+            source_layout=conditioning[0][1].get(text.LAYOUT_KEY),
         )
         return io.NodeOutput(data, host.latent_out(model, trajectory[-1]))
 

@@ -61,8 +61,9 @@ class VCTConceptLearn(io.ComfyNode):
                              "each with its own timestep and noise (4 in the reference)."),
                 io.Float.Input("l1_weight", default=1.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Weight of the L1 loss on the predicted clean latent (1 in the reference)."),
-                # "fixed" by default: a new seed per Run would repeat the whole learning every time.
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate="fixed",
+                # No control-after-generate widget: the frontend's would default to "randomize" (a
+                # string here only renames it), and a new seed per Run would repeat the whole learning.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed for timesteps, noise and flips; the same seed repeats a run on the "
                              "same device."),
                 io.String.Input("embedding_name", default="", tooltip="When set, saves the vectors as "

@@ -26,6 +26,7 @@ class InversionData:
     null_losses: Optional[list] = None
     method: str = "ddim"
     cfg: float = 7.5  # the CFG scale the null embeddings were made for
+    source_layout: Optional[list] = None  # the source prompt's token ids, when its conditioning recorded them
 
     @property
     def steps(self) -> int:

@@ -9,12 +9,11 @@ import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import host
+from . import host, text
 from .invert import check_matches_model
 from .payloads import Inversion
 
 log = logging.getLogger("ComfyUI-VCT")
-DEFAULT_CONCEPT_TOKENS = 3
 
 
 def _comfy_attention(q, k, v, heads, extra_options):
@@ -26,36 +25,77 @@ def _comfy_attention(q, k, v, heads, extra_options):
 
 
 EQUALIZERS = ("concept_tokens", "reference_code")
+# The ends of every token layout, as symbols: layouts recorded by the pack carry the tokenizer's real
+# start and end ids, the paper's layout (assumed) does not know them.
+START, END = -10**6, -10**6 - 1
 
 
-def equalizer_positions(count: int, equalizer: str) -> range:
-    """Return the token positions the equaliser scales for `count` concept tokens after the start token.
+def equalizer_positions(layout: list, equalizer: str) -> list[int]:
+    """Return the token positions the equaliser scales in a concept prompt's layout.
 
-    `concept_tokens` scales the concept tokens (1..count). `reference_code` reproduces the
+    `concept_tokens` scales the concept vectors' positions. `reference_code` reproduces the
     reference implementation, whose word-index helper drops the start token's +1 and so scales
-    positions 0..count-1: the start token and all but the last concept token.
+    the position before each: with the paper's layout, the start token and all but the last
+    concept token.
     """
     if equalizer not in EQUALIZERS:
         raise ValueError(f"equalizer must be one of {', '.join(EQUALIZERS)}, got {equalizer!r}")
-    return range(1, count + 1) if equalizer == "concept_tokens" else range(0, count)
+    positions = [j for j, token in enumerate(layout) if text.OTHER_EMBEDDING < token < 0]
+    return positions if equalizer == "concept_tokens" else [p - 1 for p in positions]
+
+
+def paper_layout(count: int) -> list[int]:
+    """Return the layout of a prompt made of `count` concept vectors alone: [start, c1..cn, end]."""
+    return [START] + [text.concept_id(i) for i in range(count)] + [END]
+
+
+def _ends_symbolic(layout: list) -> list:
+    return [START] + [int(t) for t in layout[1:-1]] + [END]
+
+
+def token_layouts(source: torch.Tensor, source_layout, concept: list, concept_tokens: int, node: str
+                  ) -> tuple[list, list]:
+    """Return the (source, concept) token layouts the refine mapping aligns, from what the inputs record.
+
+    The concept's comes from its conditioning (VCT Concept Embedding Learn, VCT Concept Prompt) or
+    from `concept_tokens` for a plain `embedding:NAME` prompt; the source's from the inversion (its
+    conditioning came from VCT Concept Prompt) or, for the paper's empty prompt, from the concept's
+    record of the same CLIP's empty-prompt encoding.
+    """
+    cond, options = concept[0][0], concept[0][1]
+    if cond.shape[1:] == source.shape[1:] and torch.equal(cond.cpu().float(), source.cpu().float()):
+        return [START, END], [START, END]  # the concept is the source prompt: every token aligns
+    recorded = options.get(text.LAYOUT_KEY)
+    if recorded:
+        target = _ends_symbolic(recorded)
+    elif concept_tokens > 0:
+        target = paper_layout(concept_tokens)
+    else:
+        raise ValueError(
+            f"{node}: the concept conditioning does not say where its concept tokens are. Connect it from VCT "
+            "Concept Embedding Learn or VCT Concept Prompt, or, for a CLIPTextEncode of exactly embedding:NAME, set "
+            "concept_tokens to the number of vectors in that embedding"
+        )
+    if source_layout:
+        return _ends_symbolic(source_layout), target
+    empty = options.get(text.EMPTY_PROMPT_KEY)
+    if empty is not None and empty.shape[1:] == source.shape[1:] and torch.allclose(
+            empty.float().cpu(), source.float().cpu(), rtol=1e-3, atol=1e-3):
+        return [START, END], target
+    log.warning("%s: the source prompt's tokens are unknown, so its cross-attention maps are aligned as if it were "
+                "empty (the paper's choice). For another source prompt, encode it with VCT Concept Prompt before VCT "
+                "DDIM Invert", node)
+    return [START, END], target
 
 
 def injection_config(source: torch.Tensor, concept: list, self_fraction: float, cross_fraction: float,
-                     concept_weight: float, concept_tokens: int, equalizer: str = "concept_tokens"
-                     ) -> vct_ops.InjectionConfig:
-    """Return the injection settings: refine mapping of the empty source prompt to the concept prompt."""
-    cond = concept[0][0]
-    length = cond.shape[1]
-    if cond.shape[1:] == source.shape[1:] and torch.equal(cond.cpu().float(), source.cpu().float()):
-        count = 0  # the concept is the source prompt: every token aligns, nothing is re-weighted
-    elif concept_tokens > 0:
-        count = concept_tokens
-    else:
-        count = concept[0][1].get("vct_concept_tokens", DEFAULT_CONCEPT_TOKENS)
-    # Source: [start, end, padding...] (the paper's empty prompt); concept: [start, c1..cn, end, ...].
-    # Concept tokens get ids no real token has, so they keep their own maps.
-    mapper, alphas = vct_ops.refine_mapping([0, 1], [0] + [-1 - i for i in range(count)] + [1], length)
-    weights = vct_ops.token_weights(length, equalizer_positions(count, equalizer), concept_weight)
+                     concept_weight: float, concept_tokens: int, equalizer: str = "concept_tokens",
+                     source_layout=None, node: str = "VCT Dual-Branch Sampler") -> vct_ops.InjectionConfig:
+    """Return the injection settings: the refine mapping of the source prompt's tokens to the concept prompt's."""
+    length = concept[0][0].shape[1]
+    source_ids, target_ids = token_layouts(source, source_layout, concept, concept_tokens, node)
+    mapper, alphas = vct_ops.refine_mapping(source_ids, target_ids, length)
+    weights = vct_ops.token_weights(length, equalizer_positions(target_ids, equalizer), concept_weight)
     return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights)
 
 
@@ -98,8 +138,9 @@ class VCTDualBranchSampler(io.ComfyNode):
                 io.Float.Input("concept_weight", default=0.5, min=0.0, max=5.0, step=0.05,
                                tooltip="Scale of the concept tokens' cross-attention during cross_injection."),
                 io.Int.Input("concept_tokens", default=0, min=0, max=75, optional=True,
-                             tooltip="How many tokens after the start token are the concept. 0: automatic "
-                             "(known from VCT Concept Embedding Learn; 3 otherwise)."),
+                             tooltip="0: read where the concept tokens are from the concept conditioning (VCT "
+                             "Concept Embedding Learn and VCT Concept Prompt record it). For a CLIPTextEncode of "
+                             "exactly embedding:NAME, the number of vectors in that embedding."),
                 io.Combo.Input("equalizer", options=list(EQUALIZERS), default="concept_tokens", optional=True,
                                tooltip="Which tokens concept_weight scales. concept_tokens: the concept's own "
                                "tokens. reference_code: the positions the published code scales (the start "
@@ -134,7 +175,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                 "prompt of at most 75 tokens"
             )
         config = injection_config(source["c_crossattn"], concept, self_injection, cross_injection, concept_weight,
-                                  concept_tokens, equalizer)
+                                  concept_tokens, equalizer, inversion.source_layout, node)
         controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
         patched = patched_clone(model, controller)
         host.load(patched)

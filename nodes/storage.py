@@ -82,6 +82,7 @@ def save_inversion(data: InversionData, prefix: str) -> str:
     metadata = {
         "format": FORMAT, "model_fingerprint": data.model_fingerprint, "family": data.family, "method": data.method,
         "null_losses": json.dumps(data.null_losses), "cfg": str(data.cfg),
+        "source_layout": json.dumps(data.source_layout),
     }
     path = os.path.join(inversion_folder(), f"{prefix}_{number:05d}.safetensors")
     return atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, path, metadata)
@@ -105,6 +106,7 @@ def load_inversion(filename: str) -> InversionData:
         source_latent=tensors["source_latent"], model_fingerprint=metadata["model_fingerprint"],
         family=metadata["family"], null_embeddings=nulls or None, null_losses=losses,
         method=metadata.get("method", "ddim"), cfg=float(metadata.get("cfg", 7.5)),
+        source_layout=json.loads(metadata.get("source_layout", "null")),
     )
 
 

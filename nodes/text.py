@@ -67,22 +67,93 @@ def initializer_vectors(encoder: TextEncoder, word: str, count: int) -> torch.Te
     return vct_ops.init_concept_vectors(table[ids].detach().float().cpu(), count)
 
 
+# Keys VCT adds to a CONDITIONING's options, read by the Dual-Branch Sampler to align token maps:
+# the prompt's token ids from start to end token (concept vectors as CONCEPT ids, other embedding
+# vectors as OTHER ids), and the same CLIP's encoding of the empty prompt (the paper's source).
+LAYOUT_KEY = "vct_token_layout"
+EMPTY_PROMPT_KEY = "vct_empty_prompt"
+PLACEHOLDER = "{concept}"
+OTHER_EMBEDDING = -1000  # minus k: the k-th vector of an embedding:NAME inside the text
+
+
+def concept_id(index: int) -> int:
+    """Return the layout id of the `index`-th concept vector (-1, -2, ...: no real token has it)."""
+    return -1 - index
+
+
+def _word_tokens(encoder: TextEncoder, text: str) -> list:
+    """Return the (token, weight) pairs of `text` between its start and end tokens."""
+    if not text.strip():
+        return []
+    chunks = encoder.clip.tokenize(text)[encoder.key]
+    end = encoder.clip.tokenize("")[encoder.key][0][1][0]
+    if len(chunks) > 1:
+        raise ValueError("the prompt is longer than one 77-token chunk; VCT needs it to fit in one")
+    chunk = chunks[0]
+    stop = next((i for i in range(1, len(chunk)) if isinstance(chunk[i][0], int) and chunk[i][0] == end),
+                len(chunk))
+    return [tuple(pair[:2]) for pair in chunk[1:stop]]
+
+
+def spliced_tokens(encoder: TextEncoder, before: str, vectors, after: str) -> tuple[list, list]:
+    """Return (token list as ComfyUI's tokenizer gives it, layout ids) of `before` + concept vectors + `after`.
+
+    Equal to what `before embedding:NAME after` tokenizes to once the vectors are saved as NAME.
+    """
+    base = encoder.clip.tokenize("")[encoder.key][0]
+    head = _word_tokens(encoder, before)
+    tail = _word_tokens(encoder, after)
+    count = 0 if vectors is None else vectors.shape[0]
+    middle = [(vectors[i], 1.0) for i in range(count)]
+    used = 2 + len(head) + count + len(tail)
+    if used > len(base):
+        raise ValueError(f"the prompt takes {used} tokens; at most {len(base)} fit (shorten the text)")
+    tokens = [base[0]] + head + middle + tail + list(base[1 : len(base) - used + 2])
+    others = iter(range(10**6))
+
+    def layout_id(token):
+        return int(token) if isinstance(token, int) else OTHER_EMBEDDING - next(others)
+
+    layout = ([int(base[0][0])] + [layout_id(t) for t, _ in head] + [concept_id(i) for i in range(count)]
+              + [layout_id(t) for t, _ in tail] + [int(base[1][0])])
+    return tokens, layout
+
+
 def concept_tokens(encoder: TextEncoder, vectors: torch.Tensor) -> list:
     """Return the token list of a prompt made only of the concept vectors, as `embedding:NAME` tokenizes it."""
-    base = encoder.clip.tokenize("")[encoder.key][0]
-    count = vectors.shape[0]
-    if count > len(base) - 2:
-        raise ValueError(f"{count} concept vectors do not fit in a {len(base)}-token prompt")
-    return [base[0]] + [(vectors[i], 1.0) for i in range(count)] + list(base[1 : len(base) - count])
+    return spliced_tokens(encoder, "", vectors, "")[0]
+
+
+def encode_prompt(encoders: list[TextEncoder], text: str, vectors: dict | None) -> list:
+    """Return the CONDITIONING of `text` with the concept vectors (per encoder key) at its {concept}, if any.
+
+    The conditioning records its token layout and the same CLIP's empty-prompt encoding, so the
+    Dual-Branch Sampler aligns it with the source prompt.
+    """
+    if vectors is not None and text.count(PLACEHOLDER) != 1:
+        raise ValueError(f"put {PLACEHOLDER} exactly once in the text, where the concept goes "
+                         f"(e.g. 'a photo of {PLACEHOLDER}, oil painting')")
+    if vectors is None and PLACEHOLDER in text:
+        raise ValueError(f"the text has {PLACEHOLDER} but no concept is connected; connect VCT Concept Embedding "
+                         "Learn's concept output")
+    before, _, after = text.partition(PLACEHOLDER)
+    tokens, layout = {}, None
+    for e in encoders:
+        vec = vectors[e.key].detach().float().cpu() if vectors is not None else None
+        tokens[e.key], e_layout = spliced_tokens(e, before, vec, after if vectors is not None else "")
+        tokens[e.key] = [tokens[e.key]]
+        layout = layout or e_layout  # positions are shared by every encoder of a CLIP
+    clip = encoders[0].clip
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    cond = out.pop("cond")
+    out[LAYOUT_KEY] = layout
+    out[EMPTY_PROMPT_KEY] = clip.encode_from_tokens(clip.tokenize(""), return_pooled=False).detach().float().cpu()
+    return [[cond, out]]
 
 
 def encode_concept(encoders: list[TextEncoder], vectors: dict) -> list:
-    """Return the CONDITIONING of the concept prompt through ComfyUI's regular text-encoding path."""
-    tokens = {e.key: [concept_tokens(e, vectors[e.key].detach().float().cpu())] for e in encoders}
-    out = encoders[0].clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-    cond = out.pop("cond")
-    out["vct_concept_tokens"] = int(next(iter(vectors.values())).shape[0])
-    return [[cond, out]]
+    """Return the CONDITIONING of the concept prompt (the vectors alone) through ComfyUI's regular encoding."""
+    return encode_prompt(encoders, PLACEHOLDER, vectors)
 
 
 class GradientEncoder:

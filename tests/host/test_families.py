@@ -60,7 +60,7 @@ def test_self_injection_follows_the_latent_area(pack, family):
     model = family["model"].clone()
     log = []
     recording_patches(model, pack, log)
-    pack.run("VCTDualBranchSampler", model, family["tuned"], family["negative"], 7.5, 1.0, 0.2, 0.5)
+    pack.run("VCTDualBranchSampler", model, family["tuned"], family["negative"], 7.5, 1.0, 0.2, 0.5, concept_tokens=3)
     area = 8 * 8
     injected, kept = set(), set()
     for entry in log:

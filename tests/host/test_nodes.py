@@ -10,7 +10,7 @@ import comfy_tiny
 import pytest
 import torch
 
-EXPECTED_NODES = {"VCTDDIMInvert", "VCTNullTextInvert", "VCTConceptLearn", "VCTDualBranchSampler",
+EXPECTED_NODES = {"VCTDDIMInvert", "VCTNullTextInvert", "VCTConceptLearn", "VCTConceptPrompt", "VCTDualBranchSampler",
                   "VCTSaveInversion", "VCTLoadInversion"}
 STEPS = 10
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
@@ -149,7 +149,7 @@ def test_translation_uses_reconstruction_self_attention_exactly_where_injected(p
     recording_patches(model, pack, log)
     options_before = snapshot(model)
     weights_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    pack.run("VCTDualBranchSampler", model, setup["tuned"], setup["negative"], 7.5, 0.6, 0.2, 0.5)
+    pack.run("VCTDualBranchSampler", model, setup["tuned"], setup["negative"], 7.5, 0.6, 0.2, 0.5, concept_tokens=3)
 
     sigmas = setup["tuned"].sigmas
     injected_steps = int(0.6 * STEPS)
@@ -182,8 +182,10 @@ def test_an_existing_attn2_replace_patch_is_still_called(pack, setup):
 
     model = setup["model"].clone()
     model.set_model_attn2_replace(adapter, "input", 1, 0)
-    with_adapter = pack.run("VCTDualBranchSampler", model, setup["tuned"], setup["negative"], 7.5, 0.9, 0.2, 0.5)
-    without = pack.run("VCTDualBranchSampler", setup["model"], setup["tuned"], setup["negative"], 7.5, 0.9, 0.2, 0.5)
+    with_adapter = pack.run("VCTDualBranchSampler", model, setup["tuned"], setup["negative"], 7.5, 0.9, 0.2, 0.5,
+                            concept_tokens=3)
+    without = pack.run("VCTDualBranchSampler", setup["model"], setup["tuned"], setup["negative"], 7.5, 0.9, 0.2, 0.5,
+                       concept_tokens=3)
     assert len(calls) == STEPS - 1, "called once per model call"
     assert calls[0] == [1, 1, 0, 0], "it is told which rows are unconditional"
     assert not torch.allclose(with_adapter[0]["samples"], without[0]["samples"])
@@ -361,7 +363,7 @@ def test_content_inversion_methods_costs_and_errors(pack, setup):
         tuned, _ = pack.run("VCTNullTextInvert", counted, inversion, 7.5, 50, 1e-5, method=method,
                             negative=setup["negative"])
         latent, reconstruction = pack.run("VCTDualBranchSampler", model, tuned, setup["negative"], 7.5, 0.9, 0.2,
-                                          0.5)
+                                          0.5, concept_tokens=3)
         figures[method] = (
             sum(1 for _, grad in calls if not grad), sum(1 for _, grad in calls if grad),
             float(((reconstruction["samples"] - z0) ** 2).mean()),

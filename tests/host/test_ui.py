@@ -108,7 +108,9 @@ def test_a_fresh_concept_node_keeps_its_seed_and_has_a_usable_initializer(pack, 
     import comfy_tiny
 
     info = comfy_runner.node_info("VCTConceptLearn")["input"]["required"]
-    assert info["seed"][1]["control_after_generate"] == "fixed"
+    # No control widget at all: the frontend's defaults to "randomize" whatever the spec says.
+    assert info["seed"][1]["control_after_generate"] is False
+    assert not [w for w in comfy_runner.widget_layout("VCTConceptLearn") if w["control"]]
     word = info["initializer"][1]["default"]
     assert word.strip()
     clip = comfy_tiny.tiny_sd1_clip()
