@@ -20,7 +20,7 @@ import comfy.utils
 import torch
 import torch.utils.checkpoint
 
-from ..vct_ops import ROLE_UNCOND, ROLES_KEY
+from ..vct_ops import BRANCHES_KEY, ROLE_UNCOND, ROLES_KEY
 from ..vct_ops.validate import check_latent
 from . import compat
 
@@ -91,16 +91,30 @@ def _first_tensor(value):
     return getattr(value, "weights", None) and _first_tensor(value.weights)
 
 
-IGNORED_CONDITIONING = ("control", "area", "mask", "strength", "hooks", "start_percent", "end_percent", "gligen")
-IGNORED_MODEL_OPTIONS = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function")
+# Conditioning options VCT refuses (never ignores), with the node that sets each, so the error says
+# what to remove. A ControlNet is applied where a node allows it (the sampler's concept).
+REFUSED_CONDITIONING = {
+    "area": "ConditioningSetArea",
+    "mask": "ConditioningSetMask",
+    "start_percent": "ConditioningSetTimestepRange",
+    "end_percent": "ConditioningSetTimestepRange",
+    "hooks": "conditioning hooks (Cond Set Props / Set CLIP Hooks)",
+    "gligen": "GLIGENTextBoxApply",
+    "control": "Apply ControlNet",
+}
 
 
-def warn_ignored_model_options(model, node: str) -> None:
-    """Log a warning naming the CFG hooks on the model (e.g. from SAG or RescaleCFG) that VCT's own CFG does not run."""
-    present = [key for key in IGNORED_MODEL_OPTIONS if model.model_options.get(key)]
-    if present:
-        log.warning("%s: ignoring %s set by other nodes on this model; VCT computes CFG itself",
-                    node, ", ".join(present))
+def check_conditioning_options(extra: dict, name: str, allow: tuple = ()) -> None:
+    """Raise a ValueError naming the node to remove when a conditioning carries options VCT does not apply."""
+    refused = [key for key in REFUSED_CONDITIONING if extra.get(key) is not None and key not in allow]
+    if not refused:
+        return
+    nodes = ", ".join(dict.fromkeys(REFUSED_CONDITIONING[key] for key in refused))
+    hint = ""
+    if "control" in refused:
+        hint = (" A ControlNet acts on the translation B: apply it to the concept conditioning of VCT Dual-Branch "
+                "Sampler instead (the source branch must rebuild the source as it was inverted).")
+    raise ValueError(f"{name} carries {nodes}, which VCT does not apply here; remove it from this conditioning.{hint}")
 
 
 def train_sigmas(model) -> torch.Tensor:
@@ -119,8 +133,8 @@ def prediction_type(model) -> str:
     raise ValueError(f"VCT supports eps- and v-prediction models; this model predicts {kind.name}")
 
 
-def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = "positive", detach: bool = True
-               ) -> dict:
+def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = "positive", detach: bool = True,
+               allow: tuple = ()) -> dict:
     """Return what the model takes for one CONDITIONING: `c_crossattn`, plus `y` for SDXL.
 
     Built with the model's own `extra_conds`, as ComfyUI's samplers do (pooled output and size
@@ -134,9 +148,7 @@ def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = 
             "(remove ConditioningCombine/Concat before this node)"
         )
     tensor, extra = conditioning[0][0], conditioning[0][1]
-    ignored = [key for key in IGNORED_CONDITIONING if extra.get(key) is not None]
-    if ignored:
-        log.warning("%s: ignoring %s on this conditioning (VCT does not apply them)", name, ", ".join(ignored))
+    check_conditioning_options(extra, name, allow)
     if not torch.is_tensor(tensor) or tensor.dim() != 3:
         raise ValueError(f"{name} must be a [batch, tokens, width] text conditioning")
     check_conditioning_width(model, tensor, name)
@@ -227,9 +239,15 @@ class Denoiser:
     `cond` is the dict `model_cond` returns (`c_crossattn`, and `y` for SDXL).
     """
 
-    def __init__(self, model, gradients: bool = False, sample_sigmas: Optional[torch.Tensor] = None) -> None:
-        """Wrap `model` (already loaded on its device); with `gradients`, attention runs a path that backpropagates."""
+    def __init__(self, model, gradients: bool = False, sample_sigmas: Optional[torch.Tensor] = None,
+                 controls: Optional[dict] = None) -> None:
+        """Wrap `model` (already loaded on its device); with `gradients`, attention runs a path that backpropagates.
+
+        `controls` maps a branch (vct_ops.ROLE_MAIN / ROLE_REF) to a ComfyUI ControlNet or T2I-Adapter
+        (already pre-run) that acts on that branch's rows only.
+        """
         self.model = model
+        self.controls = dict(controls or {})
         self.device = model.load_device
         self.base_options = model.model_options.get("transformer_options", {})
         self.wrapper = model.model_options.get("model_function_wrapper")
@@ -260,6 +278,8 @@ class Denoiser:
                 if rows:
                     part = dict(options)
                     part[ROLES_KEY] = [roles[i] for i in rows]
+                    if options.get(BRANCHES_KEY) is not None:
+                        part[BRANCHES_KEY] = [options[BRANCHES_KEY][i] for i in rows]
                     part["sigmas"] = sigma[rows]
                     part_cond = {key: value[rows] for key, value in cond.items()}
                     out[rows] = self._call(x[rows], sigma[rows], part_cond, part).to(out.dtype)
@@ -284,6 +304,9 @@ class Denoiser:
         if self.sample_sigmas is not None:
             options.setdefault("sample_sigmas", self.sample_sigmas)
         self.calls += 1
+        control = self._control(x, sigma, cond, options)
+        if control is not None:
+            cond = {**cond, "control": control}
         if self.wrapper is not None:
             return self.wrapper(
                 self.model.model.apply_model,
@@ -291,6 +314,45 @@ class Denoiser:
                  "cond_or_uncond": options.get("cond_or_uncond", [0] * x.shape[0])},
             )
         return self.model.model.apply_model(x, sigma, transformer_options=options, **cond)
+
+    def _control(self, x, sigma, cond, options) -> Optional[dict]:
+        """Return the UNet's control residuals for this call: each branch's control on its own rows, zero elsewhere.
+
+        Zero rows leave the other branch exactly as without control (adding 0 changes nothing), and
+        all rows still go through one model call.
+        """
+        branches = options.get(BRANCHES_KEY)
+        if not self.controls or branches is None:
+            return None
+        merged: Optional[dict] = None
+        for branch, control in self.controls.items():
+            rows = [i for i, b in enumerate(branches) if b == branch]
+            if not rows:
+                continue
+            # ComfyUI's "batched_number": how many cond/uncond chunks these rows hold (the hint is
+            # repeated per chunk).
+            chunks = len({options["cond_or_uncond"][i] for i in rows})
+            part = control.get_control(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}, chunks,
+                                       options)
+            if part is not None:
+                merged = _scatter_control(part, rows, x.shape[0], merged)
+        return merged
+
+
+def _scatter_control(part: dict, rows: list[int], batch: int, merged: Optional[dict]) -> dict:
+    """Return `merged` plus the control residuals `part` (computed on `rows`) placed in a zero batch of `batch` rows."""
+    out = merged if merged is not None else {}
+    for key, values in part.items():
+        target = out.setdefault(key, [])
+        for i, value in enumerate(values):
+            if i >= len(target):
+                target.append(None)
+            if value is None:
+                continue
+            full = value.new_zeros((batch, *value.shape[1:]))
+            full[rows] = value
+            target[i] = full if target[i] is None else target[i] + full
+    return out
 
 
 def training_fits(model, shape) -> bool:

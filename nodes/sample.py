@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from typing import Optional
 
+import comfy.conds
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
 import latent_preview
 import torch
 from comfy_api.latest import io
@@ -99,6 +105,45 @@ def injection_config(source: torch.Tensor, concept: list, self_fraction: float, 
     return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights)
 
 
+CFG_HOOKS = ("sampler_pre_cfg_function", "sampler_cfg_function", "sampler_post_cfg_function")
+
+
+def cfg_hooks(model, concept: list, inversion, device) -> Optional[vct_ops.Guidance]:
+    """Return B's guidance through the model's CFG hooks (RescaleCFG, PAG, ...), or None when it has none.
+
+    The hooks get the arguments ComfyUI's own sampling gives them: B's cond and uncond denoised
+    rows, its input and sigma, the model and its options, and B's conditionings in ComfyUI's
+    sampler format (the concept; the step's null embedding as the negative). B* keeps plain CFG:
+    its null embeddings were tuned so that plain CFG rebuilds the source, and B borrows its maps.
+    """
+    options = model.model_options
+    if not any(options.get(key) for key in CFG_HOOKS):
+        return None
+    base = model.model
+    shape = inversion.source_latent.shape
+    positive = comfy.samplers.encode_model_conds(base.extra_conds, comfy.sampler_helpers.convert_cond(concept),
+                                                 torch.zeros(shape), device, "positive")
+    nulls = inversion.null_list()
+
+    def negative(step: int) -> list:
+        null = nulls[step]
+        model_conds = {"c_crossattn": comfy.conds.CONDCrossAttn(null["c_crossattn"].to(device))}
+        if "y" in null:
+            model_conds["y"] = comfy.conds.CONDRegular(null["y"].to(device))
+        return [{"cross_attn": null["c_crossattn"], "model_conds": model_conds, "uuid": uuid.uuid4()}]
+
+    def guide(x, sigma, cond_pred, uncond_pred, scale, step):
+        uncond = negative(step)
+        conds, out = [positive, uncond], [cond_pred, uncond_pred]
+        for fn in options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": conds, "conds_out": out, "cond_scale": scale, "timestep": sigma, "input": x,
+                      "sigma": sigma, "model": base, "model_options": options})
+        return comfy.samplers.cfg_function(base, out[0], out[1], scale, x, sigma, model_options=options,
+                                           cond=positive, uncond=uncond)
+
+    return guide
+
+
 def patched_clone(model, controller: vct_ops.AttentionController):
     """Return a clone of `model` with the controller on every transformer block, wrapping patches already there."""
     clone = model.clone()
@@ -166,7 +211,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                 f"{node}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
                 "VCT DDIM Invert and this node"
             )
-        cond = host.model_cond(model, concept, "concept", inversion.source_latent.shape)
+        cond = host.model_cond(model, concept, "concept", inversion.source_latent.shape, allow=("control",))
         source = inversion.source_cond
         tokens, source_tokens = cond["c_crossattn"].shape[1], source["c_crossattn"].shape[1]
         if tokens != source_tokens:
@@ -178,7 +223,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                                   concept_tokens, equalizer, inversion.source_layout, node)
         controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
         patched = patched_clone(model, controller)
-        host.load(patched)
+        control = concept[0][1].get("control")
         device = patched.load_device
         steps = inversion.steps
         preview = latent_preview.prepare_callback(patched, steps)
@@ -191,13 +236,22 @@ class VCTDualBranchSampler(io.ComfyNode):
         if abs(cfg - inversion.cfg) > 1e-6 and inversion.method == "null_text":
             log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
                         "will drift", node, inversion.cfg, cfg)
-        host.warn_ignored_model_options(model, node)
-        result = vct_ops.dual_branch_sample(
-            host.Denoiser(patched), inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
-            source, cond, inversion.null_list(), guidance=cfg,
-            callback=host.step_callback(progress), preview=on_preview,
-            ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
-        )
+        sampling = patched.model.model_sampling
+        if control is not None:  # as ComfyUI's samplers prepare a ControlNet (start/end percent)
+            control.pre_run(patched.model, lambda percent: sampling.percent_to_sigma(percent))
+        try:
+            comfy.model_management.load_models_gpu([patched] + (control.get_models() if control is not None else []))
+            result = vct_ops.dual_branch_sample(
+                host.Denoiser(patched, controls={vct_ops.ROLE_MAIN: control} if control is not None else None),
+                inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
+                source, cond, inversion.null_list(), guidance=cfg,
+                callback=host.step_callback(progress), preview=on_preview,
+                ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
+                guide_main=cfg_hooks(patched, concept, inversion, device),
+            )
+        finally:
+            if control is not None:
+                control.cleanup()
         end = inversion.sigmas[-1]
         return io.NodeOutput(
             host.latent_out(patched, vct_ops.x_to_latent(result.main, end)),

@@ -184,3 +184,27 @@ def test_no_attention_maps_are_kept_across_steps(setting):
         assert not torch.is_tensor(value) or torch.equal(value, before[key]), key
     patches = [p for kind in options["patches_replace"].values() for p in kind.values()]
     assert all(set(vars(p)) == {"controller", "kind", "prev"} for p in patches)
+
+
+def test_guide_main_replaces_cfg_for_the_translation_only(setting):
+    denoise, sigmas, x_T, c_src, c_concept, nulls = in_float64(setting)
+    seen = []
+
+    def tagged(x, sigma, cond, options):
+        seen.append((list(options[vct_ops.ROLES_KEY]), list(options[vct_ops.BRANCHES_KEY])))
+        return denoise(x, sigma, cond, options)
+
+    def rescaled(x, sigma, cond, uncond, scale, step):
+        # Any guidance other than plain CFG (here: half the guidance scale).
+        return vct_ops.cfg(uncond, cond, scale / 2)
+
+    ctl = vct_ops.AttentionController(sigmas, vct_ops.InjectionConfig(0.0, 0.0))
+    out = vct_ops.dual_branch_sample(tagged, x_T, sigmas, c_src, c_concept, nulls, 7.5, patched(ctl),
+                                     guide_main=rescaled)
+    # B follows the given guidance, B* plain CFG at the full scale (it must retrace the source).
+    torch.testing.assert_close(out.main, vct_ops.ddim_sample(denoise, x_T, sigmas, c_concept, nulls, 3.75),
+                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.ref, vct_ops.ddim_sample(denoise, x_T, sigmas, c_src, nulls, 7.5),
+                               rtol=1e-9, atol=1e-9)
+    # Rows [uncond B, uncond B*, cond B*, cond B], each tagged with its role and its branch.
+    assert seen[0] == (["uncond", "uncond", "ref", "main"], ["main", "ref", "ref", "main"])

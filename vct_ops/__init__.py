@@ -5,6 +5,7 @@ Host-agnostic: imports torch and the standard library only. A model is a denoise
 """
 from .attention import (
     BORROW,
+    BRANCHES_KEY,
     KEEP,
     MIX,
     ROLE_MAIN,
@@ -30,7 +31,7 @@ from .concept import (
 )
 from .conditioning import Cond, cond_cat, cond_detach, cond_leaves, cond_map
 from .ddim import cfg, ddim_invert, ddim_invert_step, ddim_sample, ddim_step, guided_denoise, latent_to_x, x_to_latent
-from .dual_branch import DualBranchResult, dual_branch_sample
+from .dual_branch import DualBranchResult, Guidance, dual_branch_sample
 from .null_text import CONTENT_METHODS, NullTextResult, fixed_null_embeddings, null_text_invert
 from .scaling import LossScale
 from .schedule import (
@@ -51,6 +52,8 @@ __all__ = [
     "BORROW",
     "MIX",
     "ROLES_KEY",
+    "BRANCHES_KEY",
+    "Guidance",
     "AttentionController",
     "AttentionPatch",
     "InjectionConfig",

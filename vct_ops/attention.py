@@ -18,6 +18,9 @@ from .schedule import window_sigma
 
 ROLES_KEY = "vct_roles"
 ROLE_UNCOND, ROLE_REF, ROLE_MAIN = "uncond", "ref", "main"
+# The branch of every row (ROLE_REF for B*, ROLE_MAIN for B), unconditional rows included: what
+# the host attaches per branch (e.g. a ControlNet on the concept) goes by it.
+BRANCHES_KEY = "vct_branches"
 # What the cross-attention refine does to B's maps: nothing, replace them by B*'s, or mix the two.
 KEEP, BORROW, MIX = "keep", "borrow", "mix"
 

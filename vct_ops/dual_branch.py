@@ -8,14 +8,18 @@ control can let B borrow B*'s maps inside that same call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .attention import ROLE_MAIN, ROLE_REF, ROLE_UNCOND, ROLES_KEY
+from .attention import BRANCHES_KEY, ROLE_MAIN, ROLE_REF, ROLE_UNCOND, ROLES_KEY
 from .conditioning import Cond, cond_cat
 from .ddim import Denoiser, StepCallback, _match_batch, _sigma_batch, cfg, ddim_step
 from .validate import check_latent, check_sigmas
+
+# How B's guided estimate is formed from its rows: (x, sigma, cond denoised, uncond denoised,
+# guidance scale, step index) -> denoised. The host passes one that runs its CFG hooks.
+Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
 @dataclass
@@ -38,11 +42,15 @@ def dual_branch_sample(
     callback: Optional[StepCallback] = None,
     ref_trajectory: Optional[torch.Tensor] = None,
     preview: Optional[StepCallback] = None,
+    guide_main: Optional[Guidance] = None,
 ) -> DualBranchResult:
     """Return B and B* after sampling both from `x_T` with CFG, one four-row model call per step.
 
-    Rows are `[uncond B*, uncond B, cond B*, cond B]`; `transformer_options` (e.g. attention
-    patches) is passed through with the row roles, the current sigma and the schedule added.
+    Rows are `[uncond B, uncond B*, cond B*, cond B]` (B's unconditional rows first, where host
+    patches that look at "the" unconditional rows find them); `transformer_options` (e.g.
+    attention patches) is passed through with the row roles and branches, the current sigma and
+    the schedule added. `guide_main` replaces plain CFG for B (B* keeps plain CFG: it must retrace
+    the source its null embeddings were tuned for).
     With `ref_trajectory` (the inversion trajectory, clean first), B* is put back on it after
     every step: Direct Inversion (Ju et al., ICLR 2024), an exact B* with no optimisation.
     `preview` receives B's guided clean-latent estimate after every model call.
@@ -64,6 +72,7 @@ def dual_branch_sample(
     source_cond = _match_batch(source_cond, rows)
     concept_cond = _match_batch(concept_cond, rows)
     roles = [ROLE_UNCOND] * (2 * rows) + [ROLE_REF] * rows + [ROLE_MAIN] * rows
+    branches = [ROLE_MAIN] * rows + [ROLE_REF] * (2 * rows) + [ROLE_MAIN] * rows
     base_options = dict(transformer_options or {})
     x_ref, x_main = x_T, x_T
     with torch.no_grad():
@@ -74,14 +83,18 @@ def dual_branch_sample(
                 sig = _sigma_batch(sigma, 4 * rows, x_T)
                 options = dict(base_options, sigmas=sig, sample_sigmas=sigmas)
                 options[ROLES_KEY] = roles
+                options[BRANCHES_KEY] = branches
                 den = denoise(
-                    torch.cat([x_ref, x_main, x_ref, x_main]),
+                    torch.cat([x_main, x_ref, x_ref, x_main]),
                     sig,
                     cond_cat([phi, phi, source_cond, concept_cond]),
                     options,
                 )
-                u_ref, u_main, c_ref, c_main = den.chunk(4)
-                den_main = cfg(u_main, c_main, guidance)
+                u_main, u_ref, c_ref, c_main = den.chunk(4)
+                if guide_main is None:
+                    den_main = cfg(u_main, c_main, guidance)
+                else:
+                    den_main = guide_main(x_main, sig[:rows], c_main, u_main, guidance, i)
                 x_ref = ddim_step(x_ref, sigma, sigma_next, cfg(u_ref, c_ref, guidance))
                 x_main = ddim_step(x_main, sigma, sigma_next, den_main)
                 if preview is not None:
