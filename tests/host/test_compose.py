@@ -1,0 +1,157 @@
+"""The Dual-Branch Sampler with the rest of ComfyUI's sampling: ControlNet on the concept, CFG hooks
+(RescaleCFG and the like), and conditioning options it refuses by name."""
+from __future__ import annotations
+
+import comfy_tiny
+import pytest
+import torch
+from test_nodes import Pack, encode
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pack(vct_pack):
+    return Pack(vct_pack)
+
+
+def tuned_inversion(pack, model, clip, latent, steps: int):
+    source = encode(clip, "")
+    inversion = pack.run("VCTDDIMInvert", model, latent, source, steps)[0]
+    return pack.run("VCTNullTextInvert", model, inversion, 7.5, 5, 1e-5)[0]
+
+
+@pytest.fixture(scope="module")
+def world(pack, comfy_session):
+    model = comfy_tiny.tiny_sd15_model(seed=31)
+    clip = comfy_tiny.tiny_sd1_clip(seed=32)
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(33))}
+    concept = encode(clip, "a photo of a cat")
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(34))  # pixels: 8x the latent
+    return dict(model=model, clip=clip, latent=latent, concept=concept, hint=hint,
+                tuned=tuned_inversion(pack, model, clip, latent, STEPS))
+
+
+def with_control(concept, hint, strength=1.0, start=0.0, end=1.0, control=None):
+    """Return the concept conditioning with a tiny ControlNet applied, by ComfyUI's Apply ControlNet node."""
+    import nodes
+
+    control = control or comfy_tiny.tiny_sd15_controlnet()
+    with torch.inference_mode():
+        positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(concept, concept, control, hint, strength,
+                                                                        start, end)
+    return positive
+
+
+def sample(pack, world, concept, model=None, tuned=None):
+    latent, reconstruction = pack.run("VCTDualBranchSampler", model or world["model"], tuned or world["tuned"],
+                                      concept, 7.5, 0.9, 0.2, 0.5, concept_tokens=3)
+    return latent["samples"], reconstruction["samples"]
+
+
+def test_controlnet_on_the_concept_acts_on_the_translation_only(pack, world):
+    plain_b, plain_ref = sample(pack, world, world["concept"])
+    off_b, off_ref = sample(pack, world, with_control(world["concept"], world["hint"], strength=0.0))
+    on_b, on_ref = sample(pack, world, with_control(world["concept"], world["hint"], strength=1.0))
+    # Strength 0 is plain VCT, exactly; B* never sees the control (zero residuals on its rows).
+    assert torch.equal(off_b, plain_b) and torch.equal(off_ref, plain_ref)
+    assert torch.equal(on_ref, plain_ref)
+    assert float((on_b - plain_b).abs().max()) > 1e-3
+    half_b, _ = sample(pack, world, with_control(world["concept"], world["hint"], strength=0.5))
+    assert 0 < float((half_b - plain_b).abs().max()) < float((on_b - plain_b).abs().max())
+
+
+def test_controlnet_start_and_end_percent_and_chaining(pack, world):
+    plain_b, _ = sample(pack, world, world["concept"])
+    never_b, _ = sample(pack, world, with_control(world["concept"], world["hint"], start=1.0, end=1.0))
+    assert torch.equal(never_b, plain_b)  # a window no step falls in
+    early_b, _ = sample(pack, world, with_control(world["concept"], world["hint"], start=0.0, end=0.5))
+    full_b, _ = sample(pack, world, with_control(world["concept"], world["hint"]))
+    assert not torch.equal(early_b, plain_b) and not torch.equal(early_b, full_b)
+    # Two chained controls: the second Apply ControlNet keeps the first as its previous one.
+    chained = with_control(with_control(world["concept"], world["hint"], strength=1.0), world["hint"].flip(1),
+                           strength=1.0, control=comfy_tiny.tiny_sd15_controlnet(seed=41))
+    assert chained[0][1]["control"].previous_controlnet is not None
+    chained_b, chained_ref = sample(pack, world, chained)
+    assert not torch.equal(chained_b, full_b)
+    assert torch.equal(chained_ref, sample(pack, world, world["concept"])[1])
+
+
+def rescale_by_hand(x, sigma, cond, uncond, scale, multiplier):
+    """Return the guided denoised latent of CFG rescale (Lin et al. 2024) computed in v-space for an eps model
+    in ComfyUI's sigma parameterisation (x = z0 + sigma * eps)."""
+    sigma = sigma.view(-1, 1, 1, 1)
+    root = (sigma**2 + 1).sqrt()
+
+    def to_v(z0):
+        return (x / (sigma**2 + 1) - z0) * root / sigma
+
+    v_cond, v_uncond = to_v(cond), to_v(uncond)
+    v_cfg = v_uncond + scale * (v_cond - v_uncond)
+    v = multiplier * v_cfg * v_cond.std(dim=(1, 2, 3), keepdim=True) / v_cfg.std(dim=(1, 2, 3), keepdim=True)
+    v = v + (1 - multiplier) * v_cfg
+    return x / (sigma**2 + 1) - sigma * v / root
+
+
+def test_rescale_cfg_acts_on_the_translation_as_by_hand(pack, world):
+    import nodes
+
+    model, clip = world["model"], world["clip"]
+    # Two steps, the second an identity step: B makes one guided DDIM step from the inverted noise.
+    one_step = tuned_inversion(pack, model, clip, world["latent"], 2)
+    seen = {}
+
+    def recording(args):  # plain CFG, in the form ComfyUI's sampler_cfg_function returns
+        seen.update({k: args[k].clone() for k in ("input", "sigma", "cond_denoised", "uncond_denoised")})
+        seen["cond_scale"] = args["cond_scale"]
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+    recorder = model.clone()
+    recorder.set_model_sampler_cfg_function(recording)
+    plain_b, plain_ref = sample(pack, world, world["concept"], model=model, tuned=one_step)
+    recorded_b, _ = sample(pack, world, world["concept"], model=recorder, tuned=one_step)
+    torch.testing.assert_close(recorded_b, plain_b, rtol=1e-6, atol=1e-6)  # the hook's result is what B takes
+    assert seen["cond_scale"] == 7.5 and seen["input"].shape[0] == 1  # B's rows only
+
+    rescaled = nodes.NODE_CLASS_MAPPINGS["RescaleCFG"]().patch(model, 0.7)[0]
+    rescaled_b, rescaled_ref = sample(pack, world, world["concept"], model=rescaled, tuned=one_step)
+    guided = rescale_by_hand(seen["input"], seen["sigma"], seen["cond_denoised"], seen["uncond_denoised"], 7.5, 0.7)
+    ops, sigmas = pack.vct_ops, one_step.sigmas
+    expected = ops.x_to_latent(ops.ddim_step(seen["input"], sigmas[0], sigmas[1], guided), sigmas[-1])
+    torch.testing.assert_close(rescaled_b, model.model.process_latent_out(expected), rtol=1e-4, atol=1e-4)
+    assert float((rescaled_b - plain_b).abs().max()) > 1e-3
+    assert torch.equal(rescaled_ref, plain_ref)  # B* keeps plain CFG
+
+
+def test_post_cfg_hooks_get_the_translation_rows(pack, world):
+    calls = []
+
+    def post(args):
+        calls.append((args["denoised"].shape[0], len(args["cond"]), len(args["uncond"])))
+        return args["denoised"] * 0.5
+
+    halved = world["model"].clone()
+    halved.set_model_sampler_post_cfg_function(post)
+    plain_b, plain_ref = sample(pack, world, world["concept"])
+    b, ref = sample(pack, world, world["concept"], model=halved)
+    assert calls and all(c == (1, 1, 1) for c in calls)
+    assert len(calls) == STEPS - 1  # the schedule's last step is an identity step, with no model call
+    assert torch.equal(ref, plain_ref) and not torch.equal(b, plain_b)
+
+
+@pytest.mark.parametrize("option, value, node", [
+    ("area", (8, 8, 0, 0), "ConditioningSetArea"),
+    ("mask", torch.ones(1, 8, 8), "ConditioningSetMask"),
+    ("start_percent", 0.5, "ConditioningSetTimestepRange"),
+    ("gligen", ("position", None, []), "GLIGENTextBoxApply"),
+])
+def test_area_mask_and_other_options_on_the_concept_are_refused_by_name(pack, world, option, value, node):
+    concept = [[world["concept"][0][0], {**world["concept"][0][1], option: value}]]
+    with pytest.raises(ValueError, match=node):
+        sample(pack, world, concept)
+
+
+def test_controlnet_on_the_source_is_refused_with_where_to_put_it(pack, world):
+    source = with_control(encode(world["clip"], ""), world["hint"])
+    with pytest.raises(ValueError, match="concept conditioning of VCT Dual-Branch Sampler"):
+        pack.run("VCTDDIMInvert", world["model"], world["latent"], source, STEPS)
