@@ -241,6 +241,9 @@ class VCTDualBranchSampler(io.ComfyNode):
             control.pre_run(patched.model, lambda percent: sampling.percent_to_sigma(percent))
         try:
             comfy.model_management.load_models_gpu([patched] + (control.get_models() if control is not None else []))
+            # As ComfyUI's samplers do around sampling: the model knows its patcher (CFG hooks that
+            # call the model again need it) and pre-run callbacks of other packs run.
+            patched.pre_run()
             result = vct_ops.dual_branch_sample(
                 host.Denoiser(patched, controls={vct_ops.ROLE_MAIN: control} if control is not None else None),
                 inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
@@ -250,6 +253,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                 guide_main=cfg_hooks(patched, concept, inversion, device),
             )
         finally:
+            patched.cleanup()
             if control is not None:
                 control.cleanup()
         end = inversion.sigmas[-1]

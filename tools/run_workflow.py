@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -113,10 +114,11 @@ set_inputs, load_workflow, api_prompt_from_file = (
 # ---------------------------------------------------------------------------- preparing the prompt
 
 def _workflow_key(name: str) -> str:
-    """Return a shipped workflow's short name: 'VCT subject translation.json' -> 'subject_translation'."""
+    """Return a shipped workflow's short name: 'VCT subject translation.json' -> 'subject_translation',
+    'VCT + ControlNet.json' -> 'controlnet'."""
     stem = name[: -len(".json")] if name.lower().endswith(".json") else name
-    key = "_".join(stem.lower().replace("-", " ").replace("_", " ").split())
-    return key.removeprefix("vct_")
+    words = re.findall(r"[a-z0-9]+", stem.lower())
+    return "_".join(words[1:] if words[:1] == ["vct"] else words)
 
 
 def shipped_workflows() -> dict:

@@ -514,17 +514,29 @@ def tiny_sd15_controlnet(seed: int = 21) -> "comfy.controlnet.ControlNet":
                                        manual_cast_dtype=None)
 
 
+def write_tiny_controlnet_file(path: str | Path) -> Path:
+    """Write a placeholder `.safetensors` file that `TinyControlNetPatch` loads as `tiny_sd15_controlnet()`."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({"comfyui_vct_tiny_placeholder": torch.zeros(1)}, str(path),
+                                metadata={TINY_CKPT_METADATA_KEY: json.dumps({"family": "controlnet"})})
+    return path
+
+
 class TinyControlNetPatch:
     """Replacement for `comfy.controlnet.load_controlnet` that returns `tiny_sd15_controlnet()` for
-    placeholder files (any file whose name starts with `vct_tiny`) and calls the original otherwise,
-    so ControlNetLoader's real code (combo validation, path lookup) runs in shipped workflows."""
+    placeholder files (`write_tiny_controlnet_file`) and calls the original otherwise, so
+    ControlNetLoader's real code (combo validation, path lookup) runs in shipped workflows."""
 
     def __init__(self, original) -> None:
         self.original = original
         self.calls = 0
 
     def __call__(self, ckpt_path, model=None, model_options={}):  # noqa: B006 - ComfyUI's signature
-        if not Path(ckpt_path).name.startswith("vct_tiny"):
+        marker = read_tiny_checkpoint_marker(ckpt_path)
+        if marker is None or marker.get("family") != "controlnet":
             return self.original(ckpt_path, model=model, model_options=model_options)
         self.calls += 1
         return tiny_sd15_controlnet()

@@ -17,9 +17,11 @@ Fixtures (see the helper modules for details):
     tiny_clip                comfy_tiny.tiny_sd1_clip(<session embeddings folder>)
     tiny_vae                 comfy_tiny.tiny_vae()
     tiny_checkpoint          TinyCheckpoint: placeholder `vct_tiny_sd15.safetensors` in the session's
-                             checkpoints folder + comfy.sd.load_checkpoint_guess_config patched (this
-                             test only), so CheckpointLoaderSimple & co. return fresh tiny models;
-                             .name, .add(name, seed=0, family="sd15"), .calls
+                             checkpoints folder + comfy.sd.load_checkpoint_guess_config and
+                             comfy.controlnet.load_controlnet patched (this test only), so
+                             CheckpointLoaderSimple & co. return fresh tiny models and ControlNetLoader
+                             a tiny ControlNet; .name, .add(name, seed=0, family="sd15"),
+                             .add_controlnet(name), .calls
     vct_pack                 comfy_runner.LoadedPack of this repository, loaded once per session as
                              custom_nodes/ComfyUI-VCT with nodes.load_custom_node (errors with
                              ComfyUI's log if the pack does not load)
@@ -171,8 +173,9 @@ def tiny_vae():
 class TinyCheckpoint:
     """Handle returned by the `tiny_checkpoint` fixture."""
 
-    def __init__(self, folder: Path, patch):
+    def __init__(self, folder: Path, patch, controlnet_folder: Path | None = None):
         self.folder, self.patch, self.files = folder, patch, []
+        self.controlnet_folder = controlnet_folder
         self.name = self.add("vct_tiny_sd15.safetensors")
 
     def add(self, name: str, seed: int = 0, family: str = "sd15") -> str:
@@ -183,6 +186,13 @@ class TinyCheckpoint:
         self.files.append(comfy_tiny.write_tiny_checkpoint_file(self.folder / name, seed=seed, family=family))
         return name
 
+    def add_controlnet(self, name: str) -> str:
+        """Make `name` (e.g. the ControlNet a shipped workflow uses) load as comfy_tiny.tiny_sd15_controlnet()."""
+        import comfy_tiny
+
+        self.files.append(comfy_tiny.write_tiny_controlnet_file(self.controlnet_folder / name))
+        return name
+
     @property
     def calls(self) -> list[dict]:
         return self.patch.calls
@@ -190,12 +200,15 @@ class TinyCheckpoint:
 
 @pytest.fixture
 def tiny_checkpoint(comfy_session, monkeypatch):
+    import comfy.controlnet
     import comfy.sd
     import comfy_tiny
 
     patch = comfy_tiny.TinyCheckpointPatch(comfy.sd.load_checkpoint_guess_config)
     monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", patch)
-    handle = TinyCheckpoint(comfy_session.folder("checkpoints"), patch)
+    monkeypatch.setattr(comfy.controlnet, "load_controlnet",
+                        comfy_tiny.TinyControlNetPatch(comfy.controlnet.load_controlnet))
+    handle = TinyCheckpoint(comfy_session.folder("checkpoints"), patch, comfy_session.folder("controlnet"))
     yield handle
     for f in handle.files:
         f.unlink(missing_ok=True)

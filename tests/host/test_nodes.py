@@ -315,6 +315,8 @@ def test_shipped_workflow_validates_and_runs_to_a_saved_image(workflow, vct_pack
             tiny_checkpoint.add(node["inputs"]["ckpt_name"])
         if node["class_type"] == "LoadImage":
             input_image(node["inputs"]["image"], width=40, height=48)
+        if node["class_type"] == "ControlNetLoader":
+            tiny_checkpoint.add_controlnet(node["inputs"]["control_net_name"])
     result = comfy_runner.run_prompt(prompt)
     assert result.success
     saved = [p for nid, n in prompt.items() if n["class_type"] == "SaveImage" for p in result.output_files(nid)]

@@ -41,6 +41,9 @@ def test_runner_module_imports_nothing_from_comfyui():
 def test_run_shipped_workflow_to_a_saved_png(workflow, vct_pack, tiny_checkpoint, comfy_session, tmp_path, staged,
                                              caplog):
     ckpt = tiny_checkpoint.add("vct_runner_tiny.safetensors", seed=1)
+    for node in rw.api_prompt_from_file(rw.resolve_workflow(workflow)).values():
+        if node["class_type"] == "ControlNetLoader":
+            tiny_checkpoint.add_controlnet(node["inputs"]["control_net_name"])
     source = write_image(tmp_path / "photo.png", seed=1)
     reference = write_image(tmp_path / "dog.jpg", width=36, height=30, seed=2)
     assert rw.bootstrap(comfy_session.comfyui_path) is False, "the session's ComfyUI is detected and reused"
@@ -73,7 +76,8 @@ def test_source_and_reference_loaders_come_from_the_links(workflow, vct_pack):
 
 
 def test_resolve_workflow_names():
-    assert SHIPPED == ["style_transfer", "subject_translation"]
+    assert SHIPPED == ["controlnet", "style_transfer", "subject_translation"]
+    assert rw.resolve_workflow("controlnet") == (rw.WORKFLOWS_DIR / "VCT + ControlNet.json").resolve()
     for name in ("subject_translation", "vct_subject_translation", "VCT subject translation.json"):
         assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "VCT subject translation.json").resolve()
     with pytest.raises(rw.UsageError, match="shipped: .*style_transfer"):

@@ -57,21 +57,21 @@ def test_template_nodes_never_overlap(path, vct_pack):
 def test_example_workflows_hold_only_templates_and_their_thumbnails():
     files = sorted(p.name for p in TEMPLATES.iterdir())
     stems = {p.stem for p in WORKFLOWS}
-    assert len(stems) == 2
+    assert stems == {"VCT subject translation", "VCT style transfer", "VCT + ControlNet"}
     assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
     assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_templates_link_their_checkpoint_for_the_missing_models_dialog(path):
+def test_templates_link_their_models_for_the_missing_models_dialog(path):
     workflow = json.loads(path.read_text())
-    loaders = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
-    assert loaders
+    loaders = [n for n in workflow["nodes"] if n["type"] in ("CheckpointLoaderSimple", "ControlNetLoader")]
+    assert any(n["type"] == "CheckpointLoaderSimple" for n in loaders)
     for node in loaders:
         models = node["properties"]["models"]
         assert [m["name"] for m in models] == [node["widgets_values"][0]]
         for model in models:
-            assert model["directory"] == "checkpoints"
+            assert model["directory"] == ("checkpoints" if node["type"] == "CheckpointLoaderSimple" else "controlnet")
             assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
     assert {m["name"] for m in workflow["models"]} == {n["widgets_values"][0] for n in loaders}
 

@@ -6,7 +6,8 @@
 The grid is what `tests/benchmarks/bench_quality.py --grid` writes from a real run of the pack's
 nodes on the trained toy model: one task per row, columns source, reference, VCT, then two
 baselines, 64 px cells 4 px apart. Each thumbnail shows one task's source, reference and VCT
-output side by side, labelled; ComfyUI serves it as `<workflow name>.jpg` beside the workflow.
+output side by side, labelled (the ControlNet template's also the source's edge map, which its
+ControlNet follows); ComfyUI serves it as `<workflow name>.jpg` beside the workflow.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CELL, GAP = 64, 4
 # Workflow -> grid row: a task whose reference brings its colour and shape (subject), and one whose
 # reference brings its texture and colour (style).
-ROWS = {"VCT subject translation": 0, "VCT style transfer": 5}
+ROWS = {"VCT subject translation": 0, "VCT style transfer": 5, "VCT + ControlNet": 0}
 LABELS = ("source", "reference", "VCT")
+# The ControlNet template's strip also shows the source's edges, as its Canny node draws them.
+WITH_EDGES = {"VCT + ControlNet"}
 
 
 def cell(grid: np.ndarray, row: int, column: int) -> np.ndarray:
@@ -30,17 +33,32 @@ def cell(grid: np.ndarray, row: int, column: int) -> np.ndarray:
     return grid[top : top + CELL, left : left + CELL]
 
 
-def thumbnail(grid: np.ndarray, row: int, scale: int = 2) -> Image.Image:
-    """Return the labelled source | reference | VCT strip of one grid row."""
+def edges(tile: np.ndarray) -> np.ndarray:
+    """Return a white-on-black edge map of a cell: where its colour changes between neighbouring pixels."""
+    grey = tile.astype(np.float32).mean(axis=2)
+    step = np.zeros_like(grey)
+    step[:, 1:] = np.maximum(step[:, 1:], np.abs(np.diff(grey, axis=1)))
+    step[1:, :] = np.maximum(step[1:, :], np.abs(np.diff(grey, axis=0)))
+    mask = (step > 24).astype(np.uint8) * 255
+    return np.repeat(mask[:, :, None], 3, axis=2)
+
+
+def thumbnail(grid: np.ndarray, row: int, scale: int = 2, with_edges: bool = False) -> Image.Image:
+    """Return the labelled source | (edges |) reference | VCT strip of one grid row."""
     side, pad, label_h = CELL * scale, 12, 30
-    image = Image.new("RGB", (3 * side + 4 * pad, side + 2 * pad + label_h), (32, 32, 32))
+    tiles = [cell(grid, row, column) for column in range(len(LABELS))]
+    labels = list(LABELS)
+    if with_edges:
+        tiles.insert(1, edges(tiles[0]))
+        labels.insert(1, "edges")
+    image = Image.new("RGB", (len(tiles) * side + (len(tiles) + 1) * pad, side + 2 * pad + label_h), (32, 32, 32))
     draw = ImageDraw.Draw(image)
     try:
         font = ImageFont.load_default(size=20)
     except TypeError:
         font = ImageFont.load_default()
-    for column, label in enumerate(LABELS):
-        tile = Image.fromarray(cell(grid, row, column)).resize((side, side), Image.NEAREST)
+    for column, (label, array) in enumerate(zip(labels, tiles)):
+        tile = Image.fromarray(array).resize((side, side), Image.NEAREST)
         x = pad + column * (side + pad)
         image.paste(tile, (x, pad))
         box = draw.textbbox((0, 0), label, font=font)
@@ -56,7 +74,7 @@ def main(argv=None) -> int:
     grid = np.asarray(Image.open(args.grid).convert("RGB"))
     for name, row in ROWS.items():
         path = ROOT / "example_workflows" / f"{name}.jpg"
-        thumbnail(grid, row).save(path, quality=90)
+        thumbnail(grid, row, with_edges=name in WITH_EDGES).save(path, quality=90)
         print(path)
     return 0
 
