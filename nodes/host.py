@@ -112,8 +112,8 @@ def check_conditioning_options(extra: dict, name: str, allow: tuple = ()) -> Non
     nodes = ", ".join(dict.fromkeys(REFUSED_CONDITIONING[key] for key in refused))
     hint = ""
     if "control" in refused:
-        hint = (" A ControlNet acts on the translation B: apply it to the concept conditioning of VCT Dual-Branch "
-                "Sampler instead (the source branch must rebuild the source as it was inverted).")
+        hint = (" A ControlNet goes on the source prompt given to VCT DDIM Invert (it then acts on the "
+                "reconstruction B*) or on the concept given to VCT Dual-Branch Sampler (it acts on the translation B).")
     raise ValueError(f"{name} carries {nodes}, which VCT does not apply here; remove it from this conditioning.{hint}")
 
 
@@ -233,6 +233,46 @@ def _gradient_safe_attention(func, *args, **kwargs):
     return comfy_attention.attention_pytorch(*args, **kwargs)
 
 
+# A `Denoiser.controls` key: the control acts on every row of every call (single-branch kernels:
+# DDIM inversion and null-text inversion of a source prompt that carries a ControlNet).
+ALL_ROWS = "all"
+
+
+def control_chain(control) -> list:
+    """Return a ComfyUI control and the ones chained before it (Apply ControlNet applied twice)."""
+    chain = []
+    while control is not None:
+        chain.append(control)
+        control = getattr(control, "previous_controlnet", None)
+    return chain
+
+
+@contextlib.contextmanager
+def controls_ready(model, controls) -> Iterator[list]:
+    """Prepare ControlNets for `model`'s schedule (start/end percent) as ComfyUI's samplers do; yield their models.
+
+    They are cleaned up on exit (cached hints dropped), as after a KSampler run.
+    """
+    active = [c for c in controls if c is not None]
+    sampling = model.model.model_sampling
+    for control in active:
+        control.pre_run(model.model, lambda percent: sampling.percent_to_sigma(percent))
+    try:
+        yield [m for control in active for m in control.get_models()]
+    finally:
+        for control in active:
+            control.cleanup()
+
+
+def make_controls_autograd_safe(control) -> None:
+    """Replace inference-mode weights of a control chain's networks (gradients flow through their context input)."""
+    for part in control_chain(control):
+        network = getattr(part, "control_model", None)
+        if isinstance(network, torch.nn.Module):
+            make_autograd_safe(network)
+            network.requires_grad_(False)
+
+
 class Denoiser:
     """A ModelPatcher as the kernel's denoiser: `(x, sigma, cond, transformer_options) -> denoised`.
 
@@ -321,12 +361,12 @@ class Denoiser:
         Zero rows leave the other branch exactly as without control (adding 0 changes nothing), and
         all rows still go through one model call.
         """
-        branches = options.get(BRANCHES_KEY)
-        if not self.controls or branches is None:
+        if not self.controls:
             return None
+        branches = options.get(BRANCHES_KEY) or [ALL_ROWS] * x.shape[0]
         merged: Optional[dict] = None
         for branch, control in self.controls.items():
-            rows = [i for i, b in enumerate(branches) if b == branch]
+            rows = [i for i, b in enumerate(branches) if b == branch or branch == ALL_ROWS]
             if not rows:
                 continue
             # ComfyUI's "batched_number": how many cond/uncond chunks these rows hold (the hint is
@@ -336,7 +376,28 @@ class Denoiser:
                                        options)
             if part is not None:
                 merged = _scatter_control(part, rows, x.shape[0], merged)
+        if merged is not None and self.gradients and torch.is_grad_enabled():
+            merged = {key: [v.as_subclass(OutOfPlaceResidual) if torch.is_tensor(v) else v for v in values]
+                      for key, values in merged.items()}
         return merged
+
+
+class OutOfPlaceResidual(torch.Tensor):
+    """A control residual that the UNet adds out of place.
+
+    ComfyUI's UNet adds control residuals with `h += ctrl`; under autograd that in-place add
+    overwrites activations a later layer kept for backward (the skip connections). With this
+    type, `h += ctrl` makes a new tensor instead, and every other use behaves as a plain tensor.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Run `func` on plain tensors, turning in-place additions into out-of-place ones."""
+        kwargs = kwargs or {}
+        plain = [a.as_subclass(torch.Tensor) if isinstance(a, cls) else a for a in args]
+        if func in (torch.Tensor.__iadd__, torch.Tensor.add_):
+            return torch.add(*plain, **kwargs)
+        return func(*plain, **kwargs)
 
 
 def _scatter_control(part: dict, rows: list[int], batch: int, merged: Optional[dict]) -> dict:
@@ -423,8 +484,9 @@ def load(model) -> None:
     comfy.model_management.load_models_gpu([model])
 
 
-def load_for_training(model, clip=None) -> tuple:
-    """Load `model` (and `clip`) for passes with gradients; return the (model, clip) to run them through.
+def load_for_training(model, clip=None, extra: tuple = ()) -> tuple:
+    """Load `model` (and `clip`, and `extra` patchers such as ControlNets) for passes with gradients; return the
+    (model, clip) to run them through.
 
     Where weights are cast to the device per call (Dynamic VRAM, or a model only partly loaded),
     the returned clones give autograd private copies of the casts, so backward never reads a
@@ -432,13 +494,13 @@ def load_for_training(model, clip=None) -> tuple:
     """
     model = compat.gradient_safe_model(model)
     clip = compat.gradient_safe_clip(clip) if clip is not None else None
-    patchers = [model] + ([clip.patcher] if clip is not None else [])
+    patchers = [model] + ([clip.patcher] if clip is not None else []) + list(extra)
     comfy.model_management.load_models_gpu(patchers)
     # A non-dynamic model shows whether it was only partly loaded once it is loaded.
     safe_model, safe_clip = compat.gradient_safe_model(model), compat.gradient_safe_clip(clip) if clip else None
     if safe_model is not model or safe_clip is not clip:
         model, clip = safe_model, safe_clip
-        comfy.model_management.load_models_gpu([model] + ([clip.patcher] if clip is not None else []))
+        comfy.model_management.load_models_gpu([model] + ([clip.patcher] if clip is not None else []) + list(extra))
     return model, clip
 
 

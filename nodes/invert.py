@@ -77,16 +77,21 @@ class VCTDDIMInvert(io.ComfyNode):
         family = host.check_family(model, node)
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
         z0 = host.latent_in(model, latent, "latent")
-        cond = host.model_cond(model, conditioning, "conditioning", z0.shape)
+        cond = host.model_cond(model, conditioning, "conditioning", z0.shape, allow=("control",))
+        # A ControlNet on the source prompt stays with the inversion: null-text inversion and B* in
+        # the sampler run with it, so B* still rebuilds the source.
+        control = conditioning[0][1].get("control")
         sigmas = vct_ops.ddim_sigmas(host.train_sigmas(model), steps)
-        host.load(model)
         device = model.load_device
         progress = host.Progress(steps)
-        trajectory = vct_ops.ddim_invert(
-            host.Denoiser(model, sample_sigmas=sigmas.to(device)), vct_ops.latent_to_x(z0.to(device), sigmas[-1]),
-            sigmas.to(device),
-            cond, callback=host.step_callback(progress),
-        )
+        with host.controls_ready(model, [control]) as control_models:
+            comfy.model_management.load_models_gpu([model] + control_models)
+            trajectory = vct_ops.ddim_invert(
+                host.Denoiser(model, sample_sigmas=sigmas.to(device),
+                              controls={host.ALL_ROWS: control} if control is not None else None),
+                vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
+                cond, callback=host.step_callback(progress),
+            )
         data = InversionData(
             trajectory=trajectory.to(comfy.model_management.intermediate_device()),
             sigmas=sigmas,
@@ -95,6 +100,7 @@ class VCTDDIMInvert(io.ComfyNode):
             model_fingerprint=host.model_fingerprint(model),
             family=family,
             source_layout=conditioning[0][1].get(text.LAYOUT_KEY),
+            source_control=control,
         )
         return io.NodeOutput(data, host.latent_out(model, trajectory[-1]))
 
@@ -168,13 +174,17 @@ class VCTNullTextInvert(io.ComfyNode):
         device = model.load_device
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
         model, _ = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
-        with host.training_mode():
-            model, _ = host.load_for_training(model)
+        control = inversion.source_control
+        with host.training_mode(), host.controls_ready(model, [control]) as control_models:
+            model, _ = host.load_for_training(model, extra=tuple(control_models))
             unet = model.model.diffusion_model
             host.make_autograd_safe(unet, model.load_device)
+            if control is not None:
+                host.make_controls_autograd_safe(control)
             with frozen(unet):
                 result = vct_ops.null_text_invert(
-                    host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device)),
+                    host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device),
+                                  controls={host.ALL_ROWS: control} if control is not None else None),
                     inversion.trajectory.clone().to(device),
                     inversion.sigmas.clone().to(device),
                     {key: value.clone().to(device) for key, value in inversion.source_cond.items()},

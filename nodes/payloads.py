@@ -27,6 +27,9 @@ class InversionData:
     method: str = "ddim"
     cfg: float = 7.5  # the CFG scale the null embeddings were made for
     source_layout: Optional[list] = None  # the source prompt's token ids, when its conditioning recorded them
+    # A ControlNet on the source prompt (ComfyUI control object): every later pass of the source runs
+    # with it. Not saved to files.
+    source_control: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def steps(self) -> int:

@@ -223,7 +223,9 @@ class VCTDualBranchSampler(io.ComfyNode):
                                   concept_tokens, equalizer, inversion.source_layout, node)
         controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
         patched = patched_clone(model, controller)
-        control = concept[0][1].get("control")
+        # Each branch's ControlNet: the concept's acts on B, the source's (kept by the inversion) on B*.
+        controls = {branch: c for branch, c in ((vct_ops.ROLE_MAIN, concept[0][1].get("control")),
+                                                (vct_ops.ROLE_REF, inversion.source_control)) if c is not None}
         device = patched.load_device
         steps = inversion.steps
         preview = latent_preview.prepare_callback(patched, steps)
@@ -236,26 +238,22 @@ class VCTDualBranchSampler(io.ComfyNode):
         if abs(cfg - inversion.cfg) > 1e-6 and inversion.method == "null_text":
             log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
                         "will drift", node, inversion.cfg, cfg)
-        sampling = patched.model.model_sampling
-        if control is not None:  # as ComfyUI's samplers prepare a ControlNet (start/end percent)
-            control.pre_run(patched.model, lambda percent: sampling.percent_to_sigma(percent))
-        try:
-            comfy.model_management.load_models_gpu([patched] + (control.get_models() if control is not None else []))
+        with host.controls_ready(patched, controls.values()) as control_models:
+            comfy.model_management.load_models_gpu([patched] + control_models)
             # As ComfyUI's samplers do around sampling: the model knows its patcher (CFG hooks that
             # call the model again need it) and pre-run callbacks of other packs run.
             patched.pre_run()
-            result = vct_ops.dual_branch_sample(
-                host.Denoiser(patched, controls={vct_ops.ROLE_MAIN: control} if control is not None else None),
-                inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
-                source, cond, inversion.null_list(), guidance=cfg,
-                callback=host.step_callback(progress), preview=on_preview,
-                ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
-                guide_main=cfg_hooks(patched, concept, inversion, device),
-            )
-        finally:
-            patched.cleanup()
-            if control is not None:
-                control.cleanup()
+            try:
+                result = vct_ops.dual_branch_sample(
+                    host.Denoiser(patched, controls=controls),
+                    inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
+                    source, cond, inversion.null_list(), guidance=cfg,
+                    callback=host.step_callback(progress), preview=on_preview,
+                    ref_trajectory=inversion.trajectory.to(device) if inversion.method == "direct" else None,
+                    guide_main=cfg_hooks(patched, concept, inversion, device),
+                )
+            finally:
+                patched.cleanup()
         end = inversion.sigmas[-1]
         return io.NodeOutput(
             host.latent_out(patched, vct_ops.x_to_latent(result.main, end)),

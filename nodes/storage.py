@@ -72,6 +72,11 @@ def list_inversions() -> list[str]:
 def save_inversion(data: InversionData, prefix: str) -> str:
     """Save an inversion as `<output>/vct_inversions/<prefix>_NNNNN.safetensors`; return the path."""
     prefix = check_name(prefix, "filename_prefix")
+    if data.source_control is not None:
+        raise ValueError(
+            "this inversion was made with a ControlNet on the source prompt, which a file cannot hold; it cannot "
+            "be saved. Keep it in the graph (ComfyUI caches it between runs), or invert without the ControlNet"
+        )
     existing = list_inversions()
     pattern = re.compile(re.escape(prefix) + r"_(\d+)\.safetensors")
     number = 1 + max([int(m.group(1)) for f in existing if (m := pattern.fullmatch(f))], default=0)

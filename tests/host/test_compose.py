@@ -151,10 +151,57 @@ def test_area_mask_and_other_options_on_the_concept_are_refused_by_name(pack, wo
         sample(pack, world, concept)
 
 
-def test_controlnet_on_the_source_is_refused_with_where_to_put_it(pack, world):
-    source = with_control(encode(world["clip"], ""), world["hint"])
-    with pytest.raises(ValueError, match="concept conditioning of VCT Dual-Branch Sampler"):
-        pack.run("VCTDDIMInvert", world["model"], world["latent"], source, STEPS)
+def test_controlnet_on_the_source_acts_on_the_reconstruction_through_inversion_and_sampling(pack, world):
+    import dataclasses
+
+    model, clip = world["model"], world["clip"]
+    source = with_control(encode(clip, ""), world["hint"])
+    inversion = pack.run("VCTDDIMInvert", model, world["latent"], source, STEPS)[0]
+    plain_inversion = pack.run("VCTDDIMInvert", model, world["latent"], encode(clip, ""), STEPS)[0]
+    assert inversion.source_control is source[0][1]["control"]
+    assert not torch.equal(inversion.trajectory, plain_inversion.trajectory)  # the inversion ran with it
+    tuned = pack.run("VCTNullTextInvert", model, inversion, 7.5, 20, 1e-5)[0]
+    assert tuned.source_control is inversion.source_control
+
+    def reconstruction_error(tuned_inversion):
+        _, ref = sample(pack, world, world["concept"], tuned=tuned_inversion)
+        return float((ref - world["latent"]["samples"]).square().mean())
+
+    with_it = reconstruction_error(tuned)
+    without = reconstruction_error(dataclasses.replace(tuned, source_control=None))  # B* losing its control
+    print(f"B* MSE to the source: with the source's ControlNet {with_it:.4g}, without it {without:.4g}")
+    assert with_it < 0.5 * without
+    with pytest.raises(ValueError, match="ControlNet on the source prompt"):
+        pack.run("VCTSaveInversion", tuned, "with_control")
+    # Through the gradient passes too, a control at strength 0 is no control at all.
+    zero = with_control(encode(clip, ""), world["hint"], strength=0.0)
+    zero_tuned = pack.run("VCTNullTextInvert", model, pack.run("VCTDDIMInvert", model, world["latent"], zero,
+                                                                 STEPS)[0], 7.5, 5, 1e-5)[0]
+    for key, value in world["tuned"].null_embeddings.items():
+        assert torch.equal(zero_tuned.null_embeddings[key], value)
+
+
+def test_a_branch_control_leaves_the_other_branch_rows_exactly_alone(pack, world):
+    """Rows of the branch without a control come out bit-for-bit as with no control at all."""
+    host, ops = pack.host, pack.vct_ops
+    model = world["model"]
+    control = with_control(world["concept"], world["hint"])[0][1]["control"]
+    g = torch.Generator().manual_seed(5)
+    x, phi = torch.randn(4, 4, 8, 8, generator=g), world["concept"][0][0].repeat(4, 1, 1)
+    sigma = torch.full((4,), 2.0)
+    options = {ops.ROLES_KEY: ["uncond", "uncond", "ref", "main"], ops.BRANCHES_KEY: ["main", "ref", "ref", "main"]}
+    host.load(model)
+    with host.controls_ready(model, [control]), torch.no_grad():
+        plain = host.Denoiser(model)(x, sigma, {"c_crossattn": phi}, dict(options))
+        on_ref = host.Denoiser(model, controls={ops.ROLE_REF: control})(x, sigma, {"c_crossattn": phi}, dict(options))
+    assert torch.equal(on_ref[[0, 3]], plain[[0, 3]])
+    assert float((on_ref[[1, 2]] - plain[[1, 2]]).abs().max()) > 1e-3
+
+
+def test_controlnet_on_the_null_text_negative_is_refused_with_where_to_put_it(pack, world):
+    negative = with_control(encode(world["clip"], ""), world["hint"])
+    with pytest.raises(ValueError, match="VCT DDIM Invert"):
+        pack.run("VCTNullTextInvert", world["model"], world["tuned"], 7.5, 2, 1e-5, negative=negative)
 
 
 @pytest.mark.parametrize("node, args", [("SelfAttentionGuidance", (0.5, 2.0)), ("PerturbedAttentionGuidance", (3.0,))])
