@@ -253,14 +253,15 @@ def controls_ready(model, controls) -> Iterator[list]:
 
     They are cleaned up on exit (cached hints dropped), as after a KSampler run.
     """
-    active = [c for c in controls if c is not None]
     sampling = model.model.model_sampling
-    for control in active:
-        control.pre_run(model.model, lambda percent: sampling.percent_to_sigma(percent))
+    prepared = []
     try:
-        yield [m for control in active for m in control.get_models()]
+        for control in (c for c in controls if c is not None):
+            prepared.append(control)
+            control.pre_run(model.model, lambda percent: sampling.percent_to_sigma(percent))
+        yield [m for control in prepared for m in control.get_models()]
     finally:
-        for control in active:
+        for control in prepared:
             control.cleanup()
 
 

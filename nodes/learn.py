@@ -14,6 +14,7 @@ from .payloads import Concept, ConceptData
 from .plots import loss_curve
 
 log = logging.getLogger("ComfyUI-VCT")
+SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
 def latent_sampler(latents: torch.Tensor):
@@ -93,6 +94,12 @@ class VCTConceptLearn(io.ComfyNode):
             raise ValueError(
                 f"{node}: the CLIP encodes {sum(e.width for e in encoders)}-wide conditioning but the model takes "
                 f"{width}; connect the CLIP of the same checkpoint as the model"
+            )
+        if embedding_name.strip() in SEED_CONTROL_VALUES:
+            # Workflows saved before the seed lost its control widget hold that widget's value here.
+            raise ValueError(
+                f"{node}: embedding_name is {embedding_name!r}, a seed-control value from a workflow saved with an "
+                "older version of this node; clear embedding_name (and check overwrite) and queue again"
             )
         if embedding_name.strip():
             storage.check_name(embedding_name, "embedding_name")

@@ -33,7 +33,7 @@ def _comfy_attention(q, k, v, heads, extra_options):
 EQUALIZERS = ("concept_tokens", "reference_code")
 # The ends of every token layout, as symbols: layouts recorded by the pack carry the tokenizer's real
 # start and end ids, the paper's layout (assumed) does not know them.
-START, END = -10**6, -10**6 - 1
+START, END = -(1 << 40), -(1 << 40) - 1  # below every other layout id
 
 
 def equalizer_positions(layout: list, equalizer: str) -> list[int]:
@@ -85,12 +85,17 @@ def token_layouts(source: torch.Tensor, source_layout, concept: list, concept_to
     if source_layout:
         return _ends_symbolic(source_layout), target
     empty = options.get(text.EMPTY_PROMPT_KEY)
-    if empty is not None and empty.shape[1:] == source.shape[1:] and torch.allclose(
-            empty.float().cpu(), source.float().cpu(), rtol=1e-3, atol=1e-3):
+    if empty is None:
+        # A plain embedding:NAME concept with concept_tokens set: the user states the paper's layout,
+        # whose source prompt is empty; nothing records otherwise.
+        log.info("%s: aligning the concept with an empty source prompt (the paper's layout)", node)
         return [START, END], target
-    log.warning("%s: the source prompt's tokens are unknown, so its cross-attention maps are aligned as if it were "
-                "empty (the paper's choice). For another source prompt, encode it with VCT Concept Prompt before VCT "
-                "DDIM Invert", node)
+    if empty.shape[1:] == source.shape[1:] and torch.allclose(empty.float().cpu(), source.float().cpu(),
+                                                              rtol=1e-3, atol=1e-3):
+        return [START, END], target
+    log.warning("%s: the source prompt is not empty and its tokens are unknown, so its cross-attention maps are "
+                "aligned as if it were empty. Encode the source prompt with VCT Concept Prompt before VCT DDIM "
+                "Invert to align it word by word", node)
     return [START, END], target
 
 

@@ -7,6 +7,7 @@ nodes output equals what a plain CLIPTextEncode of `embedding:NAME` gives once t
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import torch
 
@@ -109,10 +110,13 @@ def spliced_tokens(encoder: TextEncoder, before: str, vectors, after: str) -> tu
     if used > len(base):
         raise ValueError(f"the prompt takes {used} tokens; at most {len(base)} fit (shorten the text)")
     tokens = [base[0]] + head + middle + tail + list(base[1 : len(base) - used + 2])
-    others = iter(range(10**6))
-
     def layout_id(token):
-        return int(token) if isinstance(token, int) else OTHER_EMBEDDING - next(others)
+        # Another embedding's vector: an id from its values, so the same vector in the source and
+        # the concept prompt aligns and different ones never do.
+        if isinstance(token, int):
+            return int(token)
+        digest = zlib.crc32(token.detach().float().cpu().numpy().tobytes())
+        return OTHER_EMBEDDING - 1 - digest
 
     layout = ([int(base[0][0])] + [layout_id(t) for t, _ in head] + [concept_id(i) for i in range(count)]
               + [layout_id(t) for t, _ in tail] + [int(base[1][0])])
@@ -137,6 +141,9 @@ def encode_prompt(encoders: list[TextEncoder], text: str, vectors: dict | None) 
         raise ValueError(f"the text has {PLACEHOLDER} but no concept is connected; connect VCT Concept Embedding "
                          "Learn's concept output")
     before, _, after = text.partition(PLACEHOLDER)
+    if before.count("(") > before.count(")"):
+        raise ValueError(f"{PLACEHOLDER} is inside a (text:weight) group; put it outside, e.g. "
+                         f"'a photo of {PLACEHOLDER}, (oil painting:1.2)'")
     tokens, layout = {}, None
     for e in encoders:
         vec = vectors[e.key].detach().float().cpu() if vectors is not None else None

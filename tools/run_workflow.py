@@ -377,7 +377,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run a VCT workflow headless with your ComfyUI.")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or str(PACK_ROOT.parents[1]),
                     help="the ComfyUI folder (default: $COMFYUI_PATH, else the one this pack is installed in)")
-    ap.add_argument("--workflow", required=True, help="subject_translation, style_transfer, or a workflow file")
+    ap.add_argument("--workflow", required=True,
+                    help="subject_translation, style_transfer, controlnet, or a workflow file")
     ap.add_argument("--checkpoint", help="a file in ComfyUI's models/checkpoints (default: the workflow's)")
     ap.add_argument("--source", required=True, help="the image whose structure is kept")
     ap.add_argument("--reference", required=True, help="the image of the object or style to bring in")

@@ -38,8 +38,11 @@ def with_control(concept, hint, strength=1.0, start=0.0, end=1.0, control=None):
 
     control = control or comfy_tiny.tiny_sd15_controlnet()
     with torch.inference_mode():
-        positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(concept, concept, control, hint, strength,
+        # Applied at strength 1 (the node returns its input untouched at 0), then set, so a strength-0
+        # control really is attached.
+        positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(concept, concept, control, hint, 1.0,
                                                                         start, end)
+    positive[0][1]["control"].strength = strength
     return positive
 
 
@@ -51,7 +54,9 @@ def sample(pack, world, concept, model=None, tuned=None):
 
 def test_controlnet_on_the_concept_acts_on_the_translation_only(pack, world):
     plain_b, plain_ref = sample(pack, world, world["concept"])
-    off_b, off_ref = sample(pack, world, with_control(world["concept"], world["hint"], strength=0.0))
+    off = with_control(world["concept"], world["hint"], strength=0.0)
+    assert off[0][1]["control"].strength == 0.0
+    off_b, off_ref = sample(pack, world, off)
     on_b, on_ref = sample(pack, world, with_control(world["concept"], world["hint"], strength=1.0))
     # Strength 0 is plain VCT, exactly; B* never sees the control (zero residuals on its rows).
     assert torch.equal(off_b, plain_b) and torch.equal(off_ref, plain_ref)
@@ -69,11 +74,14 @@ def test_controlnet_start_and_end_percent_and_chaining(pack, world):
     full_b, _ = sample(pack, world, with_control(world["concept"], world["hint"]))
     assert not torch.equal(early_b, plain_b) and not torch.equal(early_b, full_b)
     # Two chained controls: the second Apply ControlNet keeps the first as its previous one.
+    second = comfy_tiny.tiny_sd15_controlnet(seed=41)
     chained = with_control(with_control(world["concept"], world["hint"], strength=1.0), world["hint"].flip(1),
-                           strength=1.0, control=comfy_tiny.tiny_sd15_controlnet(seed=41))
+                           strength=1.0, control=second)
     assert chained[0][1]["control"].previous_controlnet is not None
     chained_b, chained_ref = sample(pack, world, chained)
-    assert not torch.equal(chained_b, full_b)
+    alone_b, _ = sample(pack, world, with_control(world["concept"], world["hint"].flip(1), control=second))
+    # Both controls act: the chain differs from each of them alone.
+    assert not torch.equal(chained_b, full_b) and not torch.equal(chained_b, alone_b)
     assert torch.equal(chained_ref, sample(pack, world, world["concept"])[1])
 
 
@@ -175,6 +183,7 @@ def test_controlnet_on_the_source_acts_on_the_reconstruction_through_inversion_a
         pack.run("VCTSaveInversion", tuned, "with_control")
     # Through the gradient passes too, a control at strength 0 is no control at all.
     zero = with_control(encode(clip, ""), world["hint"], strength=0.0)
+    assert zero[0][1]["control"].strength == 0.0
     zero_tuned = pack.run("VCTNullTextInvert", model, pack.run("VCTDDIMInvert", model, world["latent"], zero,
                                                                  STEPS)[0], 7.5, 5, 1e-5)[0]
     for key, value in world["tuned"].null_embeddings.items():

@@ -107,16 +107,18 @@ def test_an_unknown_non_empty_source_prompt_is_named_in_a_warning(pack, world, c
                                        {"l": world["concept"].vectors["clip_l"]})
     with caplog.at_level(logging.WARNING, logger="ComfyUI-VCT"):
         config_for(pack, world, concept, source=other)
-    assert any("source prompt's tokens are unknown" in r.getMessage() for r in caplog.records)
+    assert any("source prompt is not empty and its tokens are unknown" in r.getMessage() for r in caplog.records)
 
 
-def test_a_plain_embedding_prompt_needs_its_vector_count(pack, world, embedding_file):
+def test_a_plain_embedding_prompt_needs_its_vector_count(pack, world, embedding_file, caplog):
     embedding_file("vct_five", torch.randn(5, 64, generator=torch.Generator().manual_seed(5)))
     with torch.inference_mode():
         cond = encode(world["clip"], "embedding:vct_five")
     with pytest.raises(ValueError, match="concept_tokens"):
         config_for(pack, world, cond)
-    assert scaled(config_for(pack, world, cond, concept_tokens=5)) == [1, 2, 3, 4, 5]
+    with caplog.at_level(logging.WARNING, logger="ComfyUI-VCT"):
+        assert scaled(config_for(pack, world, cond, concept_tokens=5)) == [1, 2, 3, 4, 5]
+    assert not caplog.records  # concept_tokens states the paper's layout: no warning about the empty source
     latent, _ = pack.run("VCTDualBranchSampler", world["model"], world["tuned"], cond, 7.5, 0.9, 0.2, 0.5,
                          concept_tokens=5)
     assert torch.isfinite(latent["samples"]).all()
@@ -138,5 +140,7 @@ def test_concept_prompt_errors_say_what_to_do(pack, world):
         pack.run("VCTConceptPrompt", clip, "a photo of a dog", concept)
     with pytest.raises(ValueError, match="another text encoder"):
         pack.run("VCTConceptPrompt", comfy_tiny.tiny_sd2_clip(), "{concept}", concept)
+    with pytest.raises(ValueError, match="inside a"):
+        pack.run("VCTConceptPrompt", clip, "a photo of ({concept}:1.2)", concept)
     with pytest.raises(ValueError, match="at most 77"):
         pack.run("VCTConceptPrompt", clip, "word " * 74 + "{concept}", concept)
