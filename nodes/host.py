@@ -337,7 +337,7 @@ class Denoiser:
         # SAG cond_or_uncond, caches uuids, hooks sample_sigmas).
         roles = options.get(ROLES_KEY)
         if roles is not None:
-            options["cond_or_uncond"] = [1 if r == ROLE_UNCOND else 0 for r in roles]
+            options["cond_or_uncond"] = _cond_or_uncond(roles, options.get(BRANCHES_KEY))
         else:
             options.setdefault("cond_or_uncond", [0] * x.shape[0])
         options.setdefault("sigmas", sigma)
@@ -372,7 +372,8 @@ class Denoiser:
                 continue
             # ComfyUI's "batched_number": how many cond/uncond chunks these rows hold (the hint is
             # repeated per chunk).
-            chunks = len({options["cond_or_uncond"][i] for i in rows})
+            roles = options.get(ROLES_KEY)
+            chunks = len({roles[i] == ROLE_UNCOND for i in rows}) if roles is not None else 1
             part = control.get_control(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}, chunks,
                                        options)
             if part is not None:
@@ -381,6 +382,20 @@ class Denoiser:
             merged = {key: [v.as_subclass(OutOfPlaceResidual) if torch.is_tensor(v) else v for v in values]
                       for key, values in merged.items()}
         return merged
+
+
+def _cond_or_uncond(roles: list, branches: Optional[list]) -> list[int]:
+    """Return ComfyUI's `cond_or_uncond` for tagged rows: 1 or 0 per chunk of equal-sized consecutive rows.
+
+    ComfyUI lists one entry per chunk of the batch (patches such as SAG's compute the chunk size as
+    rows // entries); the sampler's rows come in four chunks of one branch and kind each. Rows that
+    do not form equal chunks get one entry per row.
+    """
+    keys = list(zip(roles, branches or roles))
+    starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+    sizes = {end - start for start, end in zip(starts, starts[1:] + [len(keys)])}
+    heads = starts if len(sizes) == 1 else range(len(keys))
+    return [1 if roles[i] == ROLE_UNCOND else 0 for i in heads]
 
 
 class OutOfPlaceResidual(torch.Tensor):

@@ -227,3 +227,29 @@ def test_guidance_nodes_that_call_the_model_again_work_on_the_translation(pack, 
         torch.testing.assert_close(ref, plain_ref, rtol=1e-2, atol=1e-2)
     else:
         assert torch.equal(ref, plain_ref)
+
+
+def test_a_batch_of_two_is_chunked_as_comfyuis_samplers_chunk_it(pack, world, comfy_session):
+    """With two source images, patches see one cond_or_uncond entry per chunk of two rows (ComfyUI's
+    convention, which SAG uses to find the unconditional rows), and a ControlNet acts on both of B's images."""
+    import nodes
+
+    model, clip = world["model"], world["clip"]
+    latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(35))}
+    tuned = tuned_inversion(pack, model, clip, latent, STEPS)
+    seen = []
+
+    def spy(q, k, v, extra):
+        seen.append((q.shape[0] // extra["n_heads"] if q.dim() == 4 else q.shape[0], list(extra["cond_or_uncond"])))
+        return pack.vct_ops.sdpa_attention(q, k, v, extra["n_heads"])
+
+    spied = model.clone()
+    spied.set_model_attn2_replace(spy, "input", 1, 0)
+    plain_b, plain_ref = sample(pack, world, world["concept"], model=spied, tuned=tuned)
+    assert seen and all(entries == [1, 1, 0, 0] for _, entries in seen)
+    controlled_b, controlled_ref = sample(pack, world, with_control(world["concept"], world["hint"]), tuned=tuned)
+    assert torch.equal(controlled_ref, sample(pack, world, world["concept"], tuned=tuned)[1])
+    assert all(float((controlled_b[i] - plain_b[i]).abs().max()) > 1e-3 for i in range(2))
+    sag = nodes.NODE_CLASS_MAPPINGS["SelfAttentionGuidance"].execute(model, 0.5, 2.0).args[0]
+    sag_b, _ = sample(pack, world, world["concept"], model=sag, tuned=tuned)
+    assert torch.isfinite(sag_b).all() and all(float((sag_b[i] - plain_b[i]).abs().max()) > 1e-3 for i in range(2))
