@@ -505,18 +505,24 @@ def load_for_training(model, clip=None, extra: tuple = ()) -> tuple:
     (model, clip) to run them through.
 
     Where weights are cast to the device per call (Dynamic VRAM, or a model only partly loaded),
-    the returned clones give autograd private copies of the casts, so backward never reads a
-    buffer that a later layer has reused.
+    the loaded patchers are clones that give autograd private copies of the casts, so backward
+    never reads a buffer that a later layer has reused. A ControlNet's patcher gets the same, as
+    gradients to a source prompt's null embeddings pass through it.
     """
-    model = compat.gradient_safe_model(model)
-    clip = compat.gradient_safe_clip(clip) if clip is not None else None
-    patchers = [model] + ([clip.patcher] if clip is not None else []) + list(extra)
-    comfy.model_management.load_models_gpu(patchers)
+    def guarded(model, clip, extra):
+        return (compat.gradient_safe_model(model), compat.gradient_safe_clip(clip) if clip is not None else None,
+                [compat.gradient_safe_model(p) for p in extra])
+
+    def load(model, clip, extra):
+        comfy.model_management.load_models_gpu([model] + ([clip.patcher] if clip is not None else []) + extra)
+
+    model, clip, extra = guarded(model, clip, list(extra))
+    load(model, clip, extra)
     # A non-dynamic model shows whether it was only partly loaded once it is loaded.
-    safe_model, safe_clip = compat.gradient_safe_model(model), compat.gradient_safe_clip(clip) if clip else None
-    if safe_model is not model or safe_clip is not clip:
-        model, clip = safe_model, safe_clip
-        comfy.model_management.load_models_gpu([model] + ([clip.patcher] if clip is not None else []) + list(extra))
+    safe = guarded(model, clip, extra)
+    if safe[0] is not model or safe[1] is not clip or any(a is not b for a, b in zip(safe[2], extra)):
+        model, clip, extra = safe
+        load(model, clip, extra)
     return model, clip
 
 

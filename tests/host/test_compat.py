@@ -196,3 +196,28 @@ def test_the_executor_is_built_for_the_constructor_it_has(monkeypatch):
     monkeypatch.setattr(execution, "PromptExecutor", CacheArgsExecutor)
     executor = compat.prompt_executor(execution, comfy_runner.DummyServer())
     assert executor.cache_args == {"lru": 0, "ram": 0, "ram_inactive": 0}
+
+
+def test_null_text_through_a_source_controlnet_cast_per_call_keeps_its_gradients(pack, comfy_session):
+    """Gradients to the null embeddings pass through a source prompt's ControlNet; its patcher is guarded too."""
+    import nodes
+
+    def run(control_kind):
+        with torch.inference_mode():
+            model = comfy_tiny.tiny_sd15_model(seed=9)
+            clip = comfy_tiny.tiny_sd1_clip(seed=10)
+            control = comfy_tiny.tiny_sd15_controlnet(seed=11)
+            if control_kind is not None:
+                control.control_model_wrapped = cast_per_call(control.control_model_wrapped, control_kind)
+            hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(12))
+            empty = encode(clip, "")
+            source, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(empty, empty, control, hint, 1.0, 0.0, 1.0)
+        latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(13))}
+        inversion = pack.run("VCTDDIMInvert", model, latent, source, 3)[0]
+        return pack.run("VCTNullTextInvert", model, inversion, 7.5, 3, 0.0)[0].null_embeddings
+
+    plain = run(None)
+    for kind in ("dynamic", "partial"):
+        guarded = run(kind)
+        for key in plain:
+            torch.testing.assert_close(guarded[key], plain[key], rtol=1e-4, atol=1e-5)
