@@ -12,7 +12,6 @@ import uuid
 from typing import Callable, Iterator, Optional
 
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
 import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
@@ -22,7 +21,7 @@ import torch.utils.checkpoint
 
 from ..vct_ops import BRANCHES_KEY, ROLE_UNCOND, ROLES_KEY
 from ..vct_ops.validate import check_latent
-from . import compat
+from . import compat, control, recompute
 
 log = logging.getLogger("ComfyUI-VCT")
 
@@ -233,47 +232,6 @@ def _gradient_safe_attention(func, *args, **kwargs):
     return comfy_attention.attention_pytorch(*args, **kwargs)
 
 
-# A `Denoiser.controls` key: the control acts on every row of every call (single-branch kernels:
-# DDIM inversion and null-text inversion of a source prompt that carries a ControlNet).
-ALL_ROWS = "all"
-
-
-def control_chain(control) -> list:
-    """Return a ComfyUI control and the ones chained before it (Apply ControlNet applied twice)."""
-    chain = []
-    while control is not None:
-        chain.append(control)
-        control = getattr(control, "previous_controlnet", None)
-    return chain
-
-
-@contextlib.contextmanager
-def controls_ready(model, controls) -> Iterator[list]:
-    """Prepare ControlNets for `model`'s schedule (start/end percent) as ComfyUI's samplers do; yield their models.
-
-    They are cleaned up on exit (cached hints dropped), as after a KSampler run.
-    """
-    sampling = model.model.model_sampling
-    prepared = []
-    try:
-        for control in (c for c in controls if c is not None):
-            prepared.append(control)
-            control.pre_run(model.model, lambda percent: sampling.percent_to_sigma(percent))
-        yield [m for control in prepared for m in control.get_models()]
-    finally:
-        for control in prepared:
-            control.cleanup()
-
-
-def make_controls_autograd_safe(control) -> None:
-    """Replace inference-mode weights of a control chain's networks (gradients flow through their context input)."""
-    for part in control_chain(control):
-        network = getattr(part, "control_model", None)
-        if isinstance(network, torch.nn.Module):
-            make_autograd_safe(network)
-            network.requires_grad_(False)
-
-
 class Denoiser:
     """A ModelPatcher as the kernel's denoiser: `(x, sigma, cond, transformer_options) -> denoised`.
 
@@ -364,22 +322,22 @@ class Denoiser:
         """
         if not self.controls:
             return None
-        branches = options.get(BRANCHES_KEY) or [ALL_ROWS] * x.shape[0]
+        branches = options.get(BRANCHES_KEY) or [control.ALL_ROWS] * x.shape[0]
         merged: Optional[dict] = None
-        for branch, control in self.controls.items():
-            rows = [i for i, b in enumerate(branches) if b == branch or branch == ALL_ROWS]
+        for branch, net in self.controls.items():
+            rows = [i for i, b in enumerate(branches) if b == branch or branch == control.ALL_ROWS]
             if not rows:
                 continue
             # ComfyUI's "batched_number": how many cond/uncond chunks these rows hold (the hint is
             # repeated per chunk).
             roles = options.get(ROLES_KEY)
             chunks = len({roles[i] == ROLE_UNCOND for i in rows}) if roles is not None else 1
-            part = control.get_control(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}, chunks,
+            part = net.get_control(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}, chunks,
                                        options)
             if part is not None:
-                merged = _scatter_control(part, rows, x.shape[0], merged)
+                merged = control.scatter_residuals(part, rows, x.shape[0], merged)
         if merged is not None and self.gradients and torch.is_grad_enabled():
-            merged = {key: [v.as_subclass(OutOfPlaceResidual) if torch.is_tensor(v) else v for v in values]
+            merged = {key: [v.as_subclass(control.OutOfPlaceResidual) if torch.is_tensor(v) else v for v in values]
                       for key, values in merged.items()}
         return merged
 
@@ -398,40 +356,6 @@ def _cond_or_uncond(roles: list, branches: Optional[list]) -> list[int]:
     return [1 if roles[i] == ROLE_UNCOND else 0 for i in heads]
 
 
-class OutOfPlaceResidual(torch.Tensor):
-    """A control residual that the UNet adds out of place.
-
-    ComfyUI's UNet adds control residuals with `h += ctrl`; under autograd that in-place add
-    overwrites activations a later layer kept for backward (the skip connections). With this
-    type, `h += ctrl` makes a new tensor instead, and every other use behaves as a plain tensor.
-    """
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        """Run `func` on plain tensors, turning in-place additions into out-of-place ones."""
-        kwargs = kwargs or {}
-        plain = [a.as_subclass(torch.Tensor) if isinstance(a, cls) else a for a in args]
-        if func in (torch.Tensor.__iadd__, torch.Tensor.add_):
-            return torch.add(*plain, **kwargs)
-        return func(*plain, **kwargs)
-
-
-def _scatter_control(part: dict, rows: list[int], batch: int, merged: Optional[dict]) -> dict:
-    """Return `merged` plus the control residuals `part` (computed on `rows`) placed in a zero batch of `batch` rows."""
-    out = merged if merged is not None else {}
-    for key, values in part.items():
-        target = out.setdefault(key, [])
-        for i, value in enumerate(values):
-            if i >= len(target):
-                target.append(None)
-            if value is None:
-                continue
-            full = value.new_zeros((batch, *value.shape[1:]))
-            full[rows] = value
-            target[i] = full if target[i] is None else target[i] + full
-    return out
-
-
 def training_fits(model, shape) -> bool:
     """Return whether a forward+backward pass on a batch of `shape` likely fits in free device memory.
 
@@ -442,49 +366,6 @@ def training_fits(model, shape) -> bool:
     return needed * 4 < compat.free_memory(model, model.load_device)
 
 
-class RecomputedForward:
-    """A block's forward that keeps no activations for backward and recomputes them instead.
-
-    Installed as an object patch on the block's `forward` attribute rather than by wrapping the
-    block in another module, so every weight keeps its module path: LoRA and other weight patches
-    are attached by path, and a wrapper module would hide the block's weights from them.
-    """
-
-    def __init__(self, block: torch.nn.Module) -> None:
-        """Recompute `block` (a ComfyUI BasicTransformerBlock or ResBlock)."""
-        self.block = block
-
-    def __call__(self, *args, **kwargs):
-        """Return the block's output; under autograd its inner activations are recomputed in backward."""
-        # The class's forward, never another clone's patch that may still be on the instance.
-        forward = type(self.block).forward
-        if not torch.is_grad_enabled():
-            return forward(self.block, *args, **kwargs)
-        # The UNet rewrites keys such as "block" in transformer_options as it goes; the
-        # recomputation in backward must see them as they are now, so dicts are snapshotted.
-        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
-        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-        return torch.utils.checkpoint.checkpoint(forward, self.block, *args, use_reentrant=False, **kwargs)
-
-
-def _checkpoint_patches(module: torch.nn.Module, prefix: str) -> Iterator[tuple]:
-    """Yield (attribute path, recomputing forward) for every transformer and residual block under `module`."""
-    for child_name, child in module.named_children():
-        name = f"{prefix}{child_name}"
-        if isinstance(child, (comfy_unet.ResBlock, comfy_attention.BasicTransformerBlock)):
-            yield f"{name}.forward", RecomputedForward(child)
-        else:
-            yield from _checkpoint_patches(child, f"{name}.")
-
-
-def checkpointed_clone(model):
-    """Return a clone of `model` whose transformer and residual blocks recompute their activations in backward."""
-    clone = model.clone()
-    for name, forward in _checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
-        clone.add_object_patch(name, forward)
-    return clone
-
-
 def training_model(model, shape) -> tuple:
     """Return (model to train through, whether it recomputes activations): a checkpointed clone when a
     forward+backward pass on `shape` would not fit in free memory, else `model` itself."""
@@ -492,7 +373,7 @@ def training_model(model, shape) -> tuple:
         return model, False
     log.info("VCT: too little free memory for a training pass on %s; recomputing activations in backward",
              tuple(shape))
-    return checkpointed_clone(model), True
+    return recompute.checkpointed_clone(model), True
 
 
 def load(model) -> None:

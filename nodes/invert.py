@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from .. import vct_ops
 from . import host, text
+from .control import ALL_ROWS, controls_ready, make_controls_autograd_safe
 from .payloads import Inversion, InversionData, stack_steps
 from .plots import loss_curve
 
@@ -84,11 +85,11 @@ class VCTDDIMInvert(io.ComfyNode):
         sigmas = vct_ops.ddim_sigmas(host.train_sigmas(model), steps)
         device = model.load_device
         progress = host.Progress(steps)
-        with host.controls_ready(model, [control]) as control_models:
+        with controls_ready(model, [control]) as control_models:
             comfy.model_management.load_models_gpu([model] + control_models)
             trajectory = vct_ops.ddim_invert(
                 host.Denoiser(model, sample_sigmas=sigmas.to(device),
-                              controls={host.ALL_ROWS: control} if control is not None else None),
+                              controls={ALL_ROWS: control} if control is not None else None),
                 vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
                 cond, callback=host.step_callback(progress),
             )
@@ -175,16 +176,16 @@ class VCTNullTextInvert(io.ComfyNode):
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
         model, _ = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
         control = inversion.source_control
-        with host.training_mode(), host.controls_ready(model, [control]) as control_models:
+        with host.training_mode(), controls_ready(model, [control]) as control_models:
             model, _ = host.load_for_training(model, extra=tuple(control_models))
             unet = model.model.diffusion_model
             host.make_autograd_safe(unet, model.load_device)
             if control is not None:
-                host.make_controls_autograd_safe(control)
+                make_controls_autograd_safe(control)
             with frozen(unet):
                 result = vct_ops.null_text_invert(
                     host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device),
-                                  controls={host.ALL_ROWS: control} if control is not None else None),
+                                  controls={ALL_ROWS: control} if control is not None else None),
                     inversion.trajectory.clone().to(device),
                     inversion.sigmas.clone().to(device),
                     {key: value.clone().to(device) for key, value in inversion.source_cond.items()},

@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from .. import vct_ops
 from . import host, text
+from .control import controls_ready
 from .invert import check_matches_model
 from .payloads import Inversion
 
@@ -243,7 +244,7 @@ class VCTDualBranchSampler(io.ComfyNode):
         if abs(cfg - inversion.cfg) > 1e-6 and inversion.method == "null_text":
             log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
                         "will drift", node, inversion.cfg, cfg)
-        with host.controls_ready(patched, controls.values()) as control_models:
+        with controls_ready(patched, controls.values()) as control_models:
             comfy.model_management.load_models_gpu([patched] + control_models)
             # As ComfyUI's samplers do around sampling: the model knows its patcher (CFG hooks that
             # call the model again need it) and pre-run callbacks of other packs run.

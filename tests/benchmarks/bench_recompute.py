@@ -74,11 +74,11 @@ def main(argv=None) -> int:
     transformer_only = model.clone()
     import comfy.ldm.modules.attention as comfy_attention
 
-    for name, forward in host._checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
+    for name, forward in pack.recompute._checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
         if isinstance(forward.block, comfy_attention.BasicTransformerBlock):
             transformer_only.add_object_patch(name, forward)
     versions = {"plain": model, "transformer blocks": transformer_only,
-                "transformer+residual": host.checkpointed_clone(model)}
+                "transformer+residual": pack.recompute.checkpointed_clone(model)}
     print(f"device {device}, UNet {models.dtype}, {args.size}px, batch 1")
     with host.training_mode():
         for rep in range(args.repeats):

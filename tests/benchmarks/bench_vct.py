@@ -321,7 +321,7 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
     shape = (1, *z0.shape[1:])
     train = model
     if not cfg.reference:  # what the nodes do: recompute activations in backward when memory is short
-        train = host.checkpointed_clone(model) if args.low_memory else host.training_model(model, shape)[0]
+        train = pack.recompute.checkpointed_clone(model) if args.low_memory else host.training_model(model, shape)[0]
         out["checkpointed"] = train is not model
         comfy.model_management.load_models_gpu([train, clip.patcher])
     unet = train.model.diffusion_model
@@ -419,6 +419,7 @@ class Pack:
         self.vct_ops = module.vct_ops
         self.host, self.text = module.nodes.host, module.nodes.text
         self.sample, self.learn = module.nodes.sample, module.nodes.learn
+        self.recompute = module.nodes.recompute
 
 
 def print_table(results, outputs):

@@ -200,7 +200,7 @@ def test_a_branch_control_leaves_the_other_branch_rows_exactly_alone(pack, world
     sigma = torch.full((4,), 2.0)
     options = {ops.ROLES_KEY: ["uncond", "uncond", "ref", "main"], ops.BRANCHES_KEY: ["main", "ref", "ref", "main"]}
     host.load(model)
-    with host.controls_ready(model, [control]), torch.no_grad():
+    with pack.control.controls_ready(model, [control]), torch.no_grad():
         plain = host.Denoiser(model)(x, sigma, {"c_crossattn": phi}, dict(options))
         on_ref = host.Denoiser(model, controls={ops.ROLE_REF: control})(x, sigma, {"c_crossattn": phi}, dict(options))
     assert torch.equal(on_ref[[0, 3]], plain[[0, 3]])

@@ -66,7 +66,7 @@ def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pa
     phi = phi.repeat(2, 1, 1)
 
     plain_out, plain_grad, plain_calls = pass_with_gradient(pack, model, phi, x, sigma)
-    checkpointed = host.checkpointed_clone(model)
+    checkpointed = pack.recompute.checkpointed_clone(model)
     ck_out, ck_grad, ck_calls = pass_with_gradient(pack, checkpointed, phi, x, sigma)
     print(f"(attention, residual) calls per forward+backward: plain {plain_calls}, checkpointed {ck_calls}")
 
@@ -84,7 +84,7 @@ def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pa
     assert all(type(f.block).__name__ in ("BasicTransformerBlock", "ResBlock") for f in patches.values())
 
     host.load(model)  # loading the unpatched model puts ComfyUI's own forwards back
-    assert not any(isinstance(m.__dict__.get("forward"), host.RecomputedForward)
+    assert not any(isinstance(m.__dict__.get("forward"), pack.recompute.RecomputedForward)
                    for m in model.model.diffusion_model.modules())
 
 
@@ -106,7 +106,7 @@ def test_checkpointed_clone_keeps_weight_patches_when_loaded_first(pack, comfy_s
         with torch.no_grad():
             return host.Denoiser(version)(x, sigma, {"c_crossattn": cond})
 
-    checkpointed = run(host.checkpointed_clone(patched))  # loaded first, onto the unpatched weights
+    checkpointed = run(pack.recompute.checkpointed_clone(patched))  # loaded first, onto the unpatched weights
     plain = run(patched)
     base = run(model)
     assert float((plain - base).abs().max()) > 1e-2  # the patch matters

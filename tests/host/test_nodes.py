@@ -34,6 +34,8 @@ class Pack:
         self.node = {k: comfy_nodes.NODE_CLASS_MAPPINGS[k] for k in loaded.node_ids}
         self.vct_ops = loaded.module.vct_ops
         self.host = loaded.module.nodes.host
+        self.control = loaded.module.nodes.control
+        self.recompute = loaded.module.nodes.recompute
         self.text = loaded.module.nodes.text
 
     def run(self, node_id, *args, **kwargs):
