@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import host, text
+from . import host, inputs, text
 from .control import ALL_ROWS, controls_ready, make_controls_autograd_safe
 from .payloads import Inversion, InversionData, stack_steps
 from .plots import loss_curve
@@ -77,8 +77,8 @@ class VCTDDIMInvert(io.ComfyNode):
         node = "VCT DDIM Invert"
         family = host.check_family(model, node)
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
-        z0 = host.latent_in(model, latent, "latent")
-        cond = host.model_cond(model, conditioning, "conditioning", z0.shape, allow=("control",))
+        z0 = inputs.latent_in(model, latent, "latent")
+        cond = inputs.model_cond(model, conditioning, "conditioning", z0.shape, allow=("control",))
         # A ControlNet on the source prompt stays with the inversion: null-text inversion and B* in
         # the sampler run with it, so B* still rebuilds the source.
         control = conditioning[0][1].get("control")
@@ -103,7 +103,7 @@ class VCTDDIMInvert(io.ComfyNode):
             source_layout=conditioning[0][1].get(text.LAYOUT_KEY),
             source_control=control,
         )
-        return io.NodeOutput(data, host.latent_out(model, trajectory[-1]))
+        return io.NodeOutput(data, inputs.latent_out(model, trajectory[-1]))
 
 
 class VCTNullTextInvert(io.ComfyNode):
@@ -155,7 +155,7 @@ class VCTNullTextInvert(io.ComfyNode):
         vct_ops.validate.check_steps("inner_steps", inner_steps, low=1, high=1000)
         init = inversion.source_cond
         if negative is not None:
-            init = host.model_cond(model, negative, "negative", inversion.source_latent.shape, "negative")
+            init = inputs.model_cond(model, negative, "negative", inversion.source_latent.shape, "negative")
             tokens, source_tokens = init["c_crossattn"].shape[1], inversion.source_cond["c_crossattn"].shape[1]
             if tokens != source_tokens:
                 raise ValueError(

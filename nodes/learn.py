@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import compat, host, storage, text
+from . import compat, host, inputs, storage, text
 from .invert import frozen
 from .payloads import Concept, ConceptData
 from .plots import loss_curve
@@ -89,7 +89,7 @@ class VCTConceptLearn(io.ComfyNode):
         node = "VCT Concept Embedding Learn"
         host.check_family(model, node)
         encoders = text.text_encoders(clip, node)
-        width = host.context_width(model)
+        width = inputs.context_width(model)
         if width is not None and sum(e.width for e in encoders) != width:
             raise ValueError(
                 f"{node}: the CLIP encodes {sum(e.width for e in encoders)}-wide conditioning but the model takes "
@@ -104,7 +104,7 @@ class VCTConceptLearn(io.ComfyNode):
         if embedding_name.strip():
             storage.check_name(embedding_name, "embedding_name")
         init = {e.key: text.initializer_vectors(e, initializer, num_vectors) for e in encoders}
-        references = host.latent_in(model, latent, "latent")
+        references = inputs.latent_in(model, latent, "latent")
         device = model.load_device
         # One pass over all accumulated samples when memory allows (same gradient, faster); when
         # not even one sample fits, activations are recomputed in backward instead of kept.

@@ -15,7 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import host, text
+from . import host, inputs, text
 from .control import controls_ready
 from .invert import check_matches_model
 from .payloads import Inversion
@@ -217,7 +217,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                 f"{node}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
                 "VCT DDIM Invert and this node"
             )
-        cond = host.model_cond(model, concept, "concept", inversion.source_latent.shape, allow=("control",))
+        cond = inputs.model_cond(model, concept, "concept", inversion.source_latent.shape, allow=("control",))
         source = inversion.source_cond
         tokens, source_tokens = cond["c_crossattn"].shape[1], source["c_crossattn"].shape[1]
         if tokens != source_tokens:
@@ -262,6 +262,6 @@ class VCTDualBranchSampler(io.ComfyNode):
                 patched.cleanup()
         end = inversion.sigmas[-1]
         return io.NodeOutput(
-            host.latent_out(patched, vct_ops.x_to_latent(result.main, end)),
-            host.latent_out(patched, vct_ops.x_to_latent(result.ref, end)),
+            inputs.latent_out(patched, vct_ops.x_to_latent(result.main, end)),
+            inputs.latent_out(patched, vct_ops.x_to_latent(result.ref, end)),
         )

@@ -12,7 +12,7 @@ import zlib
 import torch
 
 from .. import vct_ops
-from . import compat, host
+from . import compat, inputs
 
 
 @dataclasses.dataclass
@@ -193,7 +193,7 @@ class GradientEncoder:
             cond = torch.cat([out[:, :tokens] for out, _ in outputs], dim=-1)
             pooled = outputs[-1][1]
         conditioning = [[cond, {"pooled_output": pooled}]]
-        conds = host.model_cond(self.model, conditioning, "concept", self.latent_shape, detach=False)
+        conds = inputs.model_cond(self.model, conditioning, "concept", self.latent_shape, detach=False)
         return {key: value.to(self.device) for key, value in conds.items()}
 
     def _encode(self, encoder: TextEncoder, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     device = model.load_device
     shape = (1, 4, args.size // 8, args.size // 8)
     with torch.no_grad():
-        cond = host.model_cond(model, bench_vct.encode(models.clip, ""), "source", shape)
+        cond = pack.inputs.model_cond(model, bench_vct.encode(models.clip, ""), "source", shape)
     sigma = host.train_sigmas(model)[500].view(1).clone().to(device)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
 

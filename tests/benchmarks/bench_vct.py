@@ -306,10 +306,10 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
     model = reference_attention(models.model) if cfg.reference else models.model.clone()
     device = model.load_device
     results, out = {}, {}
-    z0 = host.latent_in(model, source_latent, "source")
+    z0 = pack.inputs.latent_in(model, source_latent, "source")
     empty = source_prompt if source_prompt is not None else encode(clip, "")
     out["source_prompt"] = empty
-    cond = host.model_cond(model, empty, "source", z0.shape)
+    cond = pack.inputs.model_cond(model, empty, "source", z0.shape)
     sigmas = vct.ddim_sigmas(host.train_sigmas(model), args.steps).to(device)
     comfy.model_management.load_models_gpu([model, clip.patcher])
     cond = {k: v.to(device) for k, v in cond.items()}
@@ -353,7 +353,7 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
             else:  # what the nodes do: VAEEncode once (the posterior mode), fuse when memory allows
                 with torch.no_grad():
                     mean, _ = posterior(vae, image.to(device))
-                sampler = pack.learn.latent_sampler(host.latent_in(model, {"samples": mean.cpu()}, "reference"))
+                sampler = pack.learn.latent_sampler(pack.inputs.latent_in(model, {"samples": mean.cpu()}, "reference"))
                 fuse = not args.low_memory and host.training_fits(model, (4, *shape[1:]))
             config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=args.seed,
                                         fuse_accumulation=fuse)
@@ -364,7 +364,7 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
         concept = stage(results, "concept_learn", device, learn)
     out["vectors"] = concept.vectors
 
-    concept_cond = host.model_cond(model, text.encode_concept(encoders, concept.vectors), "concept", z0.shape)
+    concept_cond = pack.inputs.model_cond(model, text.encode_concept(encoders, concept.vectors), "concept", z0.shape)
     concept_cond = {k: v.to(device) for k, v in concept_cond.items()}
     injection = sample.injection_config(cond["c_crossattn"].cpu(), text.encode_concept(encoders, concept.vectors),
                                         0.9, 0.2, 0.5, 0)
@@ -393,7 +393,7 @@ def fixed_concept_loss(pack, models: Models, vectors, image, samples=16):
     sigmas = host.train_sigmas(model)
     with torch.no_grad():
         mean, _ = posterior(models.vae, image.to(device))
-        z0 = host.latent_in(model, {"samples": mean.cpu()}, "reference").to(device)
+        z0 = pack.inputs.latent_in(model, {"samples": mean.cpu()}, "reference").to(device)
         picks = torch.randint(0, sigmas.numel(), (samples,), generator=g)
         noise = torch.randn(samples, *z0.shape[1:], generator=g).to(device)
         encoders = text.text_encoders(models.clip, "benchmark")
@@ -420,6 +420,7 @@ class Pack:
         self.host, self.text = module.nodes.host, module.nodes.text
         self.sample, self.learn = module.nodes.sample, module.nodes.learn
         self.recompute = module.nodes.recompute
+        self.inputs = module.nodes.inputs
 
 
 def print_table(results, outputs):

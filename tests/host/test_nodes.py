@@ -35,6 +35,7 @@ class Pack:
         self.vct_ops = loaded.module.vct_ops
         self.host = loaded.module.nodes.host
         self.control = loaded.module.nodes.control
+        self.inputs = loaded.module.nodes.inputs
         self.recompute = loaded.module.nodes.recompute
         self.text = loaded.module.nodes.text
 
@@ -77,7 +78,7 @@ def test_node_inversion_equals_the_kernel_on_the_same_model(pack, setup):
 def test_null_text_reconstruction_far_better_than_plain_through_the_sampler(pack, setup):
     model, inversion, tuned, z0 = setup["model"], setup["inversion"], setup["tuned"], setup["latent"]["samples"]
     # Plain: CFG 7.5 with the untuned initial null embedding at every step.
-    negative = pack.host.model_cond(model, setup["negative"], "negative", z0.shape)
+    negative = pack.inputs.model_cond(model, setup["negative"], "negative", z0.shape)
     plain = dataclasses.replace(inversion, null_embeddings={k: v[None].repeat(STEPS, *[1] * v.dim())
                                                            for k, v in negative.items()})
     plain_mse = float(((pack.run("VCTDualBranchSampler", model, plain, setup["source"], 7.5, 0.9, 0.2, 0.5)[1]
