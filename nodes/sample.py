@@ -130,13 +130,14 @@ def cfg_hooks(model, concept: list, inversion, device) -> Optional[vct_ops.Guida
     positive = comfy.samplers.encode_model_conds(base.extra_conds, comfy.sampler_helpers.convert_cond(concept),
                                                  torch.zeros(shape), device, "positive")
     nulls = inversion.null_list()
+    negative_uuid = uuid.uuid4()  # one negative across the steps, as in ComfyUI's sampling (caches key by it)
 
     def negative(step: int) -> list:
         null = nulls[step]
         model_conds = {"c_crossattn": comfy.conds.CONDCrossAttn(null["c_crossattn"].to(device))}
         if "y" in null:
             model_conds["y"] = comfy.conds.CONDRegular(null["y"].to(device))
-        return [{"cross_attn": null["c_crossattn"], "model_conds": model_conds, "uuid": uuid.uuid4()}]
+        return [{"cross_attn": null["c_crossattn"], "model_conds": model_conds, "uuid": negative_uuid}]
 
     def guide(x, sigma, cond_pred, uncond_pred, scale, step):
         uncond = negative(step)
