@@ -40,12 +40,16 @@ def controls_ready(model, controls) -> Iterator[list]:
             control.cleanup()
 
 
-def make_controls_autograd_safe(control) -> None:
-    """Replace inference-mode weights of a control chain's networks (gradients flow through their context input)."""
+def make_controls_autograd_safe(control, device: Optional[torch.device] = None) -> None:
+    """Replace inference-mode weights of a control chain's networks (gradients flow through their context input).
+
+    With `device`, only tensors held there, as for the UNet: offloaded ones are cast per call into
+    private copies by the training load.
+    """
     for part in control_chain(control):
         network = getattr(part, "control_model", None)
         if isinstance(network, torch.nn.Module):
-            host.make_autograd_safe(network)
+            host.make_autograd_safe(network, device)
             network.requires_grad_(False)
 
 

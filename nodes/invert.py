@@ -181,7 +181,7 @@ class VCTNullTextInvert(io.ComfyNode):
             unet = model.model.diffusion_model
             host.make_autograd_safe(unet, model.load_device)
             if control is not None:
-                make_controls_autograd_safe(control)
+                make_controls_autograd_safe(control, model.load_device)
             with frozen(unet):
                 result = vct_ops.null_text_invert(
                     host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device),
