@@ -143,11 +143,11 @@ class Denoiser:
                  controls: Optional[dict] = None) -> None:
         """Wrap `model` (already loaded on its device); with `gradients`, attention runs a path that backpropagates.
 
-        `controls` maps a branch (vct_ops.ROLE_MAIN / ROLE_REF) to a ComfyUI ControlNet or T2I-Adapter
-        (already pre-run) that acts on that branch's rows only.
+        `controls` maps a branch (vct_ops.ROLE_MAIN / ROLE_REF, or control.ALL_ROWS) to a ComfyUI
+        ControlNet or T2I-Adapter (already pre-run, or None for none) that acts on that branch's rows only.
         """
         self.model = model
-        self.controls = dict(controls or {})
+        self.controls = {branch: net for branch, net in (controls or {}).items() if net is not None}
         self.device = model.load_device
         self.base_options = model.model_options.get("transformer_options", {})
         self.wrapper = model.model_options.get("model_function_wrapper")
@@ -277,9 +277,9 @@ def training_model(model, shape) -> tuple:
     return recompute.checkpointed_clone(model), True
 
 
-def load(model) -> None:
-    """Load the model (with its weight patches applied) on its device."""
-    comfy.model_management.load_models_gpu([model])
+def load(model, extra=()) -> None:
+    """Load the model (with its weight patches applied), and `extra` patchers such as ControlNets, on their devices."""
+    comfy.model_management.load_models_gpu([model] + list(extra))
 
 
 def load_for_training(model, clip=None, extra: tuple = ()) -> tuple:

@@ -86,10 +86,9 @@ class VCTDDIMInvert(io.ComfyNode):
         device = model.load_device
         progress = host.Progress(steps)
         with controls_ready(model, [control]) as control_models:
-            comfy.model_management.load_models_gpu([model] + control_models)
+            host.load(model, control_models)
             trajectory = vct_ops.ddim_invert(
-                host.Denoiser(model, sample_sigmas=sigmas.to(device),
-                              controls={ALL_ROWS: control} if control is not None else None),
+                host.Denoiser(model, sample_sigmas=sigmas.to(device), controls={ALL_ROWS: control}),
                 vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
                 cond, callback=host.step_callback(progress),
             )
@@ -185,7 +184,7 @@ class VCTNullTextInvert(io.ComfyNode):
             with frozen(unet):
                 result = vct_ops.null_text_invert(
                     host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device),
-                                  controls={ALL_ROWS: control} if control is not None else None),
+                                  controls={ALL_ROWS: control}),
                     inversion.trajectory.clone().to(device),
                     inversion.sigmas.clone().to(device),
                     {key: value.clone().to(device) for key, value in inversion.source_cond.items()},

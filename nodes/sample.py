@@ -7,7 +7,6 @@ from typing import Optional
 
 import comfy.conds
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.model_management
 import comfy.sampler_helpers
 import comfy.samplers
 import latent_preview
@@ -231,8 +230,7 @@ class VCTDualBranchSampler(io.ComfyNode):
         controller = vct_ops.AttentionController(inversion.sigmas, config, attention=_comfy_attention)
         patched = patched_clone(model, controller)
         # Each branch's ControlNet: the concept's acts on B, the source's (kept by the inversion) on B*.
-        controls = {branch: c for branch, c in ((vct_ops.ROLE_MAIN, concept[0][1].get("control")),
-                                                (vct_ops.ROLE_REF, inversion.source_control)) if c is not None}
+        controls = {vct_ops.ROLE_MAIN: concept[0][1].get("control"), vct_ops.ROLE_REF: inversion.source_control}
         device = patched.load_device
         steps = inversion.steps
         preview = latent_preview.prepare_callback(patched, steps)
@@ -246,7 +244,7 @@ class VCTDualBranchSampler(io.ComfyNode):
             log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
                         "will drift", node, inversion.cfg, cfg)
         with controls_ready(patched, controls.values()) as control_models:
-            comfy.model_management.load_models_gpu([patched] + control_models)
+            host.load(patched, control_models)
             # As ComfyUI's samplers do around sampling: the model knows its patcher (CFG hooks that
             # call the model again need it) and pre-run callbacks of other packs run.
             patched.pre_run()

@@ -82,12 +82,11 @@ def concept_id(index: int) -> int:
     return -1 - index
 
 
-def _word_tokens(encoder: TextEncoder, text: str) -> list:
-    """Return the (token, weight) pairs of `text` between its start and end tokens."""
+def _word_tokens(encoder: TextEncoder, text: str, end: int) -> list:
+    """Return the (token, weight) pairs of `text` between its start and its `end` token."""
     if not text.strip():
         return []
     chunks = encoder.clip.tokenize(text)[encoder.key]
-    end = encoder.clip.tokenize("")[encoder.key][0][1][0]
     if len(chunks) > 1:
         raise ValueError("the prompt is longer than one 77-token chunk; VCT needs it to fit in one")
     chunk = chunks[0]
@@ -102,8 +101,8 @@ def spliced_tokens(encoder: TextEncoder, before: str, vectors, after: str) -> tu
     Equal to what `before embedding:NAME after` tokenizes to once the vectors are saved as NAME.
     """
     base = encoder.clip.tokenize("")[encoder.key][0]
-    head = _word_tokens(encoder, before)
-    tail = _word_tokens(encoder, after)
+    head = _word_tokens(encoder, before, base[1][0])
+    tail = _word_tokens(encoder, after, base[1][0])
     count = 0 if vectors is None else vectors.shape[0]
     middle = [(vectors[i], 1.0) for i in range(count)]
     used = 2 + len(head) + count + len(tail)
@@ -147,8 +146,8 @@ def encode_prompt(encoders: list[TextEncoder], text: str, vectors: dict | None) 
     tokens, layout = {}, None
     for e in encoders:
         vec = vectors[e.key].detach().float().cpu() if vectors is not None else None
-        tokens[e.key], e_layout = spliced_tokens(e, before, vec, after if vectors is not None else "")
-        tokens[e.key] = [tokens[e.key]]
+        e_tokens, e_layout = spliced_tokens(e, before, vec, after)
+        tokens[e.key] = [e_tokens]
         layout = layout or e_layout  # positions are shared by every encoder of a CLIP
     clip = encoders[0].clip
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)

@@ -91,18 +91,18 @@ def ensure_pack_loaded() -> bool:
 
 # ---------------------------------------------------------------------------- UI workflow -> API prompt
 
-def _load_sibling(name: str):
-    """Return the module in this folder's `<name>.py` (the folder is not a package; the runner may be a script)."""
+def _load_file(name: str, path: Path):
+    """Return the module in file `path`, imported once as `name` (the pack's folders are not packages here)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-_conversion = _load_sibling("vct_ui_to_api")
+_conversion = _load_file("vct_ui_to_api", TOOLS_DIR / "vct_ui_to_api.py")
 WIDGET_TYPES, VIRTUAL_NODES = _conversion.WIDGET_TYPES, _conversion.VIRTUAL_NODES
 UPLOAD_FLAGS, MODE_MUTED, MODE_BYPASS = _conversion.UPLOAD_FLAGS, _conversion.MODE_MUTED, _conversion.MODE_BYPASS
 node_info, widget_layout, ui_to_api = _conversion.node_info, _conversion.widget_layout, _conversion.ui_to_api
@@ -306,13 +306,7 @@ def _ctrl_c_interrupts():
 
 def load_compat():
     """Return the pack's ComfyUI-version adapter (nodes/compat.py), loaded from its file once ComfyUI is importable."""
-    name = "vct_compat"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "nodes" / "compat.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _load_file("vct_compat", PACK_ROOT / "nodes" / "compat.py")
 
 
 def execute(prompt: dict, outputs: list[str]) -> list[Path]:

@@ -22,6 +22,7 @@ Fixtures (see the helper modules for details):
                              CheckpointLoaderSimple & co. return fresh tiny models and ControlNetLoader
                              a tiny ControlNet; .name, .add(name, seed=0, family="sd15"),
                              .add_controlnet(name), .calls
+    pack                     test_nodes.Pack of vct_pack: its node classes and modules (host, text, ...)
     vct_pack                 comfy_runner.LoadedPack of this repository, loaded once per session as
                              custom_nodes/ComfyUI-VCT with nodes.load_custom_node (errors with
                              ComfyUI's log if the pack does not load)
@@ -187,10 +188,10 @@ class TinyCheckpoint:
         return name
 
     def add_controlnet(self, name: str) -> str:
-        """Make `name` (e.g. the ControlNet a shipped workflow uses) load as comfy_tiny.tiny_sd15_controlnet()."""
-        import comfy_tiny
+        """Make `name` (e.g. a shipped workflow's ControlNet) load as comfy_tiny_controlnet.tiny_sd15_controlnet()."""
+        import comfy_tiny_controlnet
 
-        self.files.append(comfy_tiny.write_tiny_controlnet_file(self.controlnet_folder / name))
+        self.files.append(comfy_tiny_controlnet.write_tiny_controlnet_file(self.controlnet_folder / name))
         return name
 
     @property
@@ -203,15 +204,24 @@ def tiny_checkpoint(comfy_session, monkeypatch):
     import comfy.controlnet
     import comfy.sd
     import comfy_tiny
+    import comfy_tiny_controlnet
 
     patch = comfy_tiny.TinyCheckpointPatch(comfy.sd.load_checkpoint_guess_config)
     monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", patch)
     monkeypatch.setattr(comfy.controlnet, "load_controlnet",
-                        comfy_tiny.TinyControlNetPatch(comfy.controlnet.load_controlnet))
+                        comfy_tiny_controlnet.TinyControlNetPatch(comfy.controlnet.load_controlnet))
     handle = TinyCheckpoint(comfy_session.folder("checkpoints"), patch, comfy_session.folder("controlnet"))
     yield handle
     for f in handle.files:
         f.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def pack(vct_pack):
+    """The loaded pack's node classes and modules (test_nodes.Pack)."""
+    from test_nodes import Pack
+
+    return Pack(vct_pack)
 
 
 @pytest.fixture(scope="session")

@@ -13,16 +13,12 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy_runner
 import comfy_tiny
+import comfy_tiny_controlnet
 import execution
 import pytest
 import torch
 from test_memory import pass_with_gradient
-from test_nodes import Pack, encode
-
-
-@pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
+from test_nodes import encode
 
 
 def reused_buffer(buffers: dict, kind: str):
@@ -206,7 +202,7 @@ def test_null_text_through_a_source_controlnet_cast_per_call_keeps_its_gradients
         with torch.inference_mode():
             model = comfy_tiny.tiny_sd15_model(seed=9)
             clip = comfy_tiny.tiny_sd1_clip(seed=10)
-            control = comfy_tiny.tiny_sd15_controlnet(seed=11)
+            control = comfy_tiny_controlnet.tiny_sd15_controlnet(seed=11)
             if control_kind is not None:
                 control.control_model_wrapped = cast_per_call(control.control_model_wrapped, control_kind)
             hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(12))

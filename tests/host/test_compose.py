@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import comfy_tiny
+import comfy_tiny_controlnet
 import pytest
 import torch
-from test_nodes import Pack, encode
+from test_nodes import encode
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
 
 
 def tuned_inversion(pack, model, clip, latent, steps: int):
@@ -36,7 +32,7 @@ def with_control(concept, hint, strength=1.0, start=0.0, end=1.0, control=None):
     """Return the concept conditioning with a tiny ControlNet applied, by ComfyUI's Apply ControlNet node."""
     import nodes
 
-    control = control or comfy_tiny.tiny_sd15_controlnet()
+    control = control or comfy_tiny_controlnet.tiny_sd15_controlnet()
     with torch.inference_mode():
         # Applied at strength 1 (the node returns its input untouched at 0), then set, so a strength-0
         # control really is attached.
@@ -74,7 +70,7 @@ def test_controlnet_start_and_end_percent_and_chaining(pack, world):
     full_b, _ = sample(pack, world, with_control(world["concept"], world["hint"]))
     assert not torch.equal(early_b, plain_b) and not torch.equal(early_b, full_b)
     # Two chained controls: the second Apply ControlNet keeps the first as its previous one.
-    second = comfy_tiny.tiny_sd15_controlnet(seed=41)
+    second = comfy_tiny_controlnet.tiny_sd15_controlnet(seed=41)
     chained = with_control(with_control(world["concept"], world["hint"], strength=1.0), world["hint"].flip(1),
                            strength=1.0, control=second)
     assert chained[0][1]["control"].previous_controlnet is not None

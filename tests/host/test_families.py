@@ -7,16 +7,11 @@ import comfy_runner
 import comfy_tiny
 import pytest
 import torch
-from test_nodes import WORKFLOWS, Pack, encode, recording_patches, small_workflow
+from test_nodes import WORKFLOWS, encode, recording_patches, small_workflow
 
 STEPS = 6
 FAMILIES = ["sd2", "sdxl"]
 EMBEDDING_KEYS = {"sd2": {"clip_h"}, "sdxl": {"clip_l", "clip_g"}}
-
-
-@pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

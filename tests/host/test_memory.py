@@ -2,14 +2,8 @@
 from __future__ import annotations
 
 import comfy_tiny
-import pytest
 import torch
-from test_nodes import Pack, encode
-
-
-@pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
+from test_nodes import encode
 
 
 def blocks(model):

@@ -45,11 +45,6 @@ class Pack:
 
 
 @pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
-
-
-@pytest.fixture(scope="module")
 def setup(pack, comfy_session):
     model = comfy_tiny.tiny_sd15_model(seed=0)
     clip = comfy_tiny.tiny_sd1_clip(str(comfy_session.folder("embeddings")))

@@ -8,14 +8,9 @@ import sys
 import comfy_tiny
 import pytest
 import torch
-from test_nodes import Pack, encode
+from test_nodes import encode
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import comfy_runner
 import pytest
-from test_nodes import Pack
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "example_workflows"
 WORKFLOWS = sorted(TEMPLATES.glob("*.json"))
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT = 30, 20, 24  # the frontend's node metrics, in canvas px
 PREVIEW_NODES = {"LoadImage": 220, "SaveImage": 220, "PreviewImage": 160}  # room their image preview needs
-
-
-@pytest.fixture(scope="module")
-def pack(vct_pack):
-    return Pack(vct_pack)
 
 
 def least_height(node: dict) -> int:
