@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the template thumbnails of the shipped workflows from the toy world's result grid.
+"""Write the template thumbnails of the shipped workflows, and the pack's icon, from the toy world's result grid.
 
     python tests/quality/thumbnails.py [--grid docs/toy_world_grid.png]
 
@@ -7,7 +7,9 @@ The grid is what `tests/benchmarks/bench_quality.py --grid` writes from a real r
 nodes on the trained toy model: one task per row, columns source, reference, VCT, then two
 baselines, 64 px cells 4 px apart. Each thumbnail shows one task's source, reference and VCT
 output side by side, labelled (the ControlNet template's also the source's edge map, which its
-ControlNet follows); ComfyUI serves it as `<workflow name>.jpg` beside the workflow.
+ControlNet follows); ComfyUI serves it as `<workflow name>.jpg` beside the workflow. The icon (`docs/icon.png`, the
+Icon of pyproject.toml's registry section) shows the subject task as "source + reference ->
+VCT" on a square.
 """
 from __future__ import annotations
 
@@ -66,8 +68,29 @@ def thumbnail(grid: np.ndarray, row: int, scale: int = 2, with_edges: bool = Fal
     return image
 
 
+def icon(grid: np.ndarray, row: int = 0, side: int = 400) -> Image.Image:
+    """Return the square pack icon: a row's source and reference above, its VCT output below."""
+    small, large, margin = 128, 192, 24  # whole multiples of the 64 px cell, so pixels stay square
+    image = Image.new("RGB", (side, side), (32, 32, 32))
+    draw = ImageDraw.Draw(image)
+    source, reference, result = (Image.fromarray(cell(grid, row, column)) for column in range(3))
+    right = side - margin - small
+    image.paste(source.resize((small, small), Image.NEAREST), (margin, margin))
+    image.paste(reference.resize((small, small), Image.NEAREST), (right, margin))
+    image.paste(result.resize((large, large), Image.NEAREST), ((side - large) // 2, side - margin - large))
+    ink, centre, width = (235, 235, 235), side // 2, 8
+    # "+" between the two inputs, and an arrow down to the output.
+    middle = margin + small // 2
+    draw.line((centre - 22, middle, centre + 22, middle), fill=ink, width=width)
+    draw.line((centre, middle - 22, centre, middle + 22), fill=ink, width=width)
+    top, bottom = margin + small + 4, side - margin - large - 4
+    draw.line((centre, top, centre, bottom - 10), fill=ink, width=width)
+    draw.polygon([(centre - 14, bottom - 14), (centre + 14, bottom - 14), (centre, bottom)], fill=ink)
+    return image
+
+
 def main(argv=None) -> int:
-    """Write one JPEG per shipped workflow into example_workflows/."""
+    """Write one JPEG per shipped workflow into example_workflows/ and the icon into docs/."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", type=Path, default=ROOT / "docs" / "toy_world_grid.png")
     args = ap.parse_args(argv)
@@ -76,6 +99,9 @@ def main(argv=None) -> int:
         path = ROOT / "example_workflows" / f"{name}.jpg"
         thumbnail(grid, row, with_edges=name in WITH_EDGES).save(path, quality=90)
         print(path)
+    path = ROOT / "docs" / "icon.png"
+    icon(grid, ROWS["VCT subject translation"]).save(path, optimize=True)
+    print(path)
     return 0
 
 
