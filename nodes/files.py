@@ -11,23 +11,6 @@ from .invert import check_matches_model
 from .payloads import Inversion
 
 log = logging.getLogger("ComfyUI-VCT")
-LIST_ROUTE = "/vct/inversions"
-
-
-async def list_inversions_route(request):
-    """Return the saved inversions as a JSON list (the Load Inversion list's remote source)."""
-    from aiohttp import web
-
-    return web.json_response(storage.list_inversions())
-
-
-def register_routes(server) -> bool:
-    """Add the pack's HTTP route to a running ComfyUI server (once); return whether it was added."""
-    routes = getattr(server, "routes", None)
-    if routes is None or any(getattr(r, "path", None) == LIST_ROUTE for r in routes):
-        return False
-    routes.get(LIST_ROUTE)(list_inversions_route)
-    return True
 
 
 class VCTSaveInversion(io.ComfyNode):
@@ -81,13 +64,12 @@ class VCTLoadInversion(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion was made with (same LoRAs)."),
                 io.Latent.Input("latent", tooltip="The encoded source image the inversion was made from."),
+                # A plain list, as ComfyUI's own loaders have: the schema is built again for every
+                # node-definitions request, so the frontend's Refresh (R) lists new files. A remote
+                # list would reset a loaded workflow's choice to the first file (frontend 1.27).
                 io.Combo.Input("inversion_file", options=storage.list_inversions(),
-                               # Fetched from the server by the list's refresh button (and after each run
-                               # where the frontend's auto-refresh is on), so a file saved by Save
-                               # Inversion shows up without reloading the page.
-                               remote=io.RemoteOptions(route=LIST_ROUTE, refresh_button=True),
-                               tooltip="A file in output/vct_inversions/. Press refresh below the list after "
-                               "saving a new one."),
+                               tooltip="A file in output/vct_inversions/. After saving a new one, press R "
+                               "(Refresh Node Definitions) to list it, as for a new checkpoint."),
             ],
             outputs=[Inversion.Output("inversion", display_name="inversion", tooltip="The loaded inversion.")],
         )

@@ -58,7 +58,8 @@ class VCTDDIMInvert(io.ComfyNode):
                                "before this node must stay the same for every VCT node."),
                 io.Latent.Input("latent", tooltip="The source image encoded with VAEEncode: its structure is kept."),
                 io.Conditioning.Input("conditioning", tooltip="The source prompt. The paper uses an empty prompt "
-                                      "(CLIPTextEncode with no text)."),
+                                      "(CLIPTextEncode with no text); for a non-empty one use VCT Concept Prompt, "
+                                      "so the sampler can align its words with the concept prompt's."),
                 io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="DDIM steps (50 in the paper). "
                              "Every VCT node downstream uses the same schedule."),
             ],

@@ -86,9 +86,11 @@ def token_layouts(source: torch.Tensor, source_layout, concept: list, concept_to
         return _ends_symbolic(source_layout), target
     empty = options.get(text.EMPTY_PROMPT_KEY)
     if empty is None:
-        # A plain embedding:NAME concept with concept_tokens set: the user states the paper's layout,
-        # whose source prompt is empty; nothing records otherwise.
-        log.info("%s: aligning the concept with an empty source prompt (the paper's layout)", node)
+        # A plain embedding:NAME concept with concept_tokens set, and a source that records nothing:
+        # the paper's layout is assumed and nothing can confirm it, so the user is told.
+        log.warning("%s: neither prompt records its tokens, so the paper's layout is assumed: the concept "
+                    "prompt is exactly embedding:NAME (%d vectors) and the source prompt is empty. For any other "
+                    "prompts, encode both with VCT Concept Prompt", node, concept_tokens)
         return [START, END], target
     if empty.shape[1:] == source.shape[1:] and torch.allclose(empty.float().cpu(), source.float().cpu(),
                                                               rtol=1e-3, atol=1e-3):
@@ -176,8 +178,9 @@ class VCTDualBranchSampler(io.ComfyNode):
                 io.Model.Input("model", tooltip="The same model (and LoRAs) used for the inversion."),
                 Inversion.Input("inversion", tooltip="From VCT Content Null-Text Invert (it must carry null "
                                 "embeddings)."),
-                io.Conditioning.Input("concept", tooltip="The concept prompt: from VCT Concept Embedding Learn, or "
-                                      "a CLIPTextEncode such as 'embedding:my_concept'."),
+                io.Conditioning.Input("concept", tooltip="The concept prompt: from VCT Concept Embedding Learn, "
+                                      "from VCT Concept Prompt (the concept inside a sentence), or a CLIPTextEncode "
+                                      "of exactly 'embedding:my_concept' (then set concept_tokens)."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="CFG scale; use the one the null-text inversion was tuned for (7.5)."),
                 io.Float.Input("self_injection", default=0.9, min=0.0, max=1.0, step=0.01,
@@ -191,7 +194,8 @@ class VCTDualBranchSampler(io.ComfyNode):
                 io.Int.Input("concept_tokens", default=0, min=0, max=75, optional=True,
                              tooltip="0: read where the concept tokens are from the concept conditioning (VCT "
                              "Concept Embedding Learn and VCT Concept Prompt record it). For a CLIPTextEncode of "
-                             "exactly embedding:NAME, the number of vectors in that embedding."),
+                             "exactly embedding:NAME, the number of vectors in that embedding; the source prompt "
+                             "must then be empty."),
                 io.Combo.Input("equalizer", options=list(EQUALIZERS), default="concept_tokens", optional=True,
                                tooltip="Which tokens concept_weight scales. concept_tokens: the concept's own "
                                "tokens. reference_code: the positions the published code scales (the start "

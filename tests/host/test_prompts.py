@@ -111,9 +111,15 @@ def test_a_plain_embedding_prompt_needs_its_vector_count(pack, world, embedding_
         cond = encode(world["clip"], "embedding:vct_five")
     with pytest.raises(ValueError, match="concept_tokens"):
         config_for(pack, world, cond)
-    with caplog.at_level(logging.WARNING, logger="ComfyUI-VCT"):
-        assert scaled(config_for(pack, world, cond, concept_tokens=5)) == [1, 2, 3, 4, 5]
-    assert not caplog.records  # concept_tokens states the paper's layout: no warning about the empty source
+    for source in (None, pack.run("VCTDDIMInvert", world["model"], world["latent"],
+                                  encode(world["clip"], "a photo of a cat"), STEPS)[0]):
+        # concept_tokens makes the paper's layout usable, but with an empty or a non-empty source
+        # alike nothing records the tokens to check it, so the user is told what is assumed.
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ComfyUI-VCT"):
+            assert scaled(config_for(pack, world, cond, source=source, concept_tokens=5)) == [1, 2, 3, 4, 5]
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("paper's layout is assumed" in m and "VCT Concept Prompt" in m for m in messages), messages
     latent, _ = pack.run("VCTDualBranchSampler", world["model"], world["tuned"], cond, 7.5, 0.9, 0.2, 0.5,
                          concept_tokens=5)
     assert torch.isfinite(latent["samples"]).all()

@@ -2,7 +2,6 @@
 nodes' labels and defaults, the loss plots, and what Save / Load Inversion show."""
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import comfy_runner
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "example_workflows"
@@ -54,6 +54,12 @@ def test_example_workflows_hold_only_templates_and_their_thumbnails():
     assert stems == {"VCT subject translation", "VCT style transfer", "VCT + ControlNet"}
     assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
     assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
+    for stem in stems:
+        # The frontend asks for `<name>.jpg`: a real JPEG with a picture in it, large enough for a card.
+        with Image.open(TEMPLATES / f"{stem}.jpg") as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.width >= 256 and thumbnail.height >= 128, stem
+            low, high = thumbnail.convert("L").getextrema()
+            assert high - low > 100, f"{stem}.jpg is nearly uniform"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -150,24 +156,21 @@ def test_save_inversion_logs_the_path_and_shows_the_name(tiny_checkpoint, comfy_
     path.unlink()
 
 
-def test_load_inversion_list_is_served_by_a_refreshable_route(pack, vct_pack, comfy_session):
-    from aiohttp import web
+def test_load_inversion_list_refreshes_like_comfyuis_own_loaders(vct_pack, comfy_session):
+    # ComfyUI's loaders list files in a plain combo that every node-definitions request (the
+    # frontend's Refresh, R) builds again. Not a remote list: frontend 1.27 sets a remote list to
+    # its first entry when it loads, which would drop a saved workflow's choice.
+    def listed():
+        spec = comfy_runner.node_info("VCTLoadInversion")["input"]["required"]["inversion_file"]
+        assert "remote" not in spec[1]
+        return spec[1]["options"]
 
-    files = __import__(pack.host.__name__.rsplit(".", 1)[0] + ".files", fromlist=["files"])
-    spec = comfy_runner.node_info("VCTLoadInversion")["input"]["required"]["inversion_file"]
-    assert spec[1]["remote"]["route"] == files.LIST_ROUTE and spec[1]["remote"]["refresh_button"] is True
-
-    class Server:
-        routes = web.RouteTableDef()
-
-    assert files.register_routes(Server()) is True
-    assert files.register_routes(Server()) is False  # once per server
-    assert [r.path for r in Server.routes] == [files.LIST_ROUTE]
     folder = Path(comfy_session.output_dir) / "vct_inversions"
     folder.mkdir(parents=True, exist_ok=True)
+    assert "listed_00001.safetensors" not in listed()
     (folder / "listed_00001.safetensors").write_bytes(b"")
     try:
-        response = asyncio.run(files.list_inversions_route(None))
-        assert "listed_00001.safetensors" in json.loads(response.body)
+        assert "listed_00001.safetensors" in listed()
     finally:
         (folder / "listed_00001.safetensors").unlink()
+    assert "listed_00001.safetensors" not in listed()
