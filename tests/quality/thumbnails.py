@@ -6,8 +6,9 @@
 The grid is what `tests/benchmarks/bench_quality.py --grid` writes from a real run of the pack's
 nodes on the trained toy model: one task per row, columns source, reference, VCT, then two
 baselines, 64 px cells 4 px apart. Each thumbnail shows one task's source, reference and VCT
-output side by side, labelled (the ControlNet template's also the source's edge map, which its
-ControlNet follows); ComfyUI serves it as `<workflow name>.jpg` beside the workflow. The icon (`docs/icon.png`, the
+output, labelled, two to a line so that it fills the frontend's square template card; the
+ControlNet template's also shows the source's edge map, which its ControlNet follows. ComfyUI
+serves a thumbnail as `<workflow name>.jpg` beside the workflow. The icon (`docs/icon.png`, the
 Icon of pyproject.toml's registry section) shows the subject task as "source + reference ->
 VCT" on a square.
 """
@@ -46,25 +47,30 @@ def edges(tile: np.ndarray) -> np.ndarray:
 
 
 def thumbnail(grid: np.ndarray, row: int, scale: int = 2, with_edges: bool = False) -> Image.Image:
-    """Return the labelled source | (edges |) reference | VCT strip of one grid row."""
-    side, pad, label_h = CELL * scale, 12, 30
+    """Return a grid row's labelled tiles, two per line, on a near-square card: source and reference (or
+    source and edges, then reference and VCT), the VCT output centred below when the count is odd."""
+    side, pad, label_h = CELL * scale, 16, 28
     tiles = [cell(grid, row, column) for column in range(len(LABELS))]
     labels = list(LABELS)
     if with_edges:
         tiles.insert(1, edges(tiles[0]))
         labels.insert(1, "edges")
-    image = Image.new("RGB", (len(tiles) * side + (len(tiles) + 1) * pad, side + 2 * pad + label_h), (32, 32, 32))
+    lines = (len(tiles) + 1) // 2
+    width, line_h = 2 * side + 3 * pad, side + label_h
+    image = Image.new("RGB", (width, lines * line_h + (lines + 1) * pad - pad // 2), (32, 32, 32))
     draw = ImageDraw.Draw(image)
     try:
         font = ImageFont.load_default(size=20)
     except TypeError:
         font = ImageFont.load_default()
-    for column, (label, array) in enumerate(zip(labels, tiles)):
-        tile = Image.fromarray(array).resize((side, side), Image.NEAREST)
-        x = pad + column * (side + pad)
-        image.paste(tile, (x, pad))
+    for index, (label, array) in enumerate(zip(labels, tiles)):
+        line, column = divmod(index, 2)
+        alone = index == len(tiles) - 1 and len(tiles) % 2  # the last of an odd count: centred
+        x = (width - side) // 2 if alone else pad + column * (side + pad)
+        y = pad + line * (line_h + pad)
+        image.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
         box = draw.textbbox((0, 0), label, font=font)
-        draw.text((x + (side - (box[2] - box[0])) / 2, pad + side + 4), label, fill=(235, 235, 235), font=font)
+        draw.text((x + (side - (box[2] - box[0])) / 2, y + side + 3), label, fill=(235, 235, 235), font=font)
     return image
 
 
