@@ -275,12 +275,13 @@ def _load_run_workflow():
 
 
 run_workflow = _load_run_workflow()
-WIDGET_TYPES, VIRTUAL_NODES = run_workflow.WIDGET_TYPES, run_workflow.VIRTUAL_NODES
-UPLOAD_FLAGS, MODE_MUTED, MODE_BYPASS = run_workflow.UPLOAD_FLAGS, run_workflow.MODE_MUTED, run_workflow.MODE_BYPASS
-node_info, widget_layout = run_workflow.node_info, run_workflow.widget_layout
-_assign_widget_values, ui_to_api = run_workflow._assign_widget_values, run_workflow.ui_to_api
-set_inputs, load_workflow = run_workflow.set_inputs, run_workflow.load_workflow
-api_prompt_from_file = run_workflow.api_prompt_from_file
+_conversion = run_workflow.conversion  # tools/vct_ui_to_api.py, as the runner loaded it
+WIDGET_TYPES, VIRTUAL_NODES = _conversion.WIDGET_TYPES, _conversion.VIRTUAL_NODES
+UPLOAD_FLAGS, MODE_MUTED, MODE_BYPASS = _conversion.UPLOAD_FLAGS, _conversion.MODE_MUTED, _conversion.MODE_BYPASS
+node_info, widget_layout = _conversion.node_info, _conversion.widget_layout
+_assign_widget_values, ui_to_api = _conversion._assign_widget_values, _conversion.ui_to_api
+set_inputs, load_workflow = _conversion.set_inputs, _conversion.load_workflow
+api_prompt_from_file = _conversion.api_prompt_from_file
 
 
 __all__ = [
