@@ -181,10 +181,11 @@ class TinyCheckpoint:
 
     def add(self, name: str, seed: int = 0, family: str = "sd15") -> str:
         """Make `name` (e.g. a real checkpoint name a shipped workflow uses) load as a tiny checkpoint
-        of `family` ("sd15", "sd2" or "sdxl"; see comfy_tiny.tiny_checkpoint)."""
-        import comfy_tiny
+        of `family` ("sd15", "sd2" or "sdxl"; see comfy_tiny_checkpoint.tiny_checkpoint)."""
+        import comfy_tiny_checkpoint
 
-        self.files.append(comfy_tiny.write_tiny_checkpoint_file(self.folder / name, seed=seed, family=family))
+        path = comfy_tiny_checkpoint.write_tiny_checkpoint_file(self.folder / name, seed=seed, family=family)
+        self.files.append(path)
         return name
 
     def add_controlnet(self, name: str) -> str:
@@ -203,10 +204,10 @@ class TinyCheckpoint:
 def tiny_checkpoint(comfy_session, monkeypatch):
     import comfy.controlnet
     import comfy.sd
-    import comfy_tiny
+    import comfy_tiny_checkpoint
     import comfy_tiny_controlnet
 
-    patch = comfy_tiny.TinyCheckpointPatch(comfy.sd.load_checkpoint_guess_config)
+    patch = comfy_tiny_checkpoint.TinyCheckpointPatch(comfy.sd.load_checkpoint_guess_config)
     monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", patch)
     monkeypatch.setattr(comfy.controlnet, "load_controlnet",
                         comfy_tiny_controlnet.TinyControlNetPatch(comfy.controlnet.load_controlnet))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import comfy_runner
-import comfy_tiny
+import comfy_tiny_checkpoint
 import pytest
 import torch
 from test_nodes import WORKFLOWS, encode, recording_patches, small_workflow
@@ -17,7 +17,7 @@ EMBEDDING_KEYS = {"sd2": {"clip_h"}, "sdxl": {"clip_l", "clip_g"}}
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, pack, comfy_session):
     name = request.param
-    build_model, build_clip = comfy_tiny.TINY_FAMILIES[name]
+    build_model, build_clip = comfy_tiny_checkpoint.TINY_FAMILIES[name]
     model = build_model(seed=0)
     clip = build_clip(str(comfy_session.folder("embeddings")))
     source, negative = encode(clip, ""), encode(clip, "a photo of a cat")

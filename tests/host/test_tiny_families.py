@@ -9,6 +9,7 @@ import comfy.model_base
 import comfy.model_sampling
 import comfy.sd
 import comfy_tiny
+import comfy_tiny_checkpoint
 import pytest
 import safetensors.torch
 import torch
@@ -188,7 +189,7 @@ def test_sdxl_embedding_changes_both_encoders(embeddings_dir, write_embedding):
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_attention_layout(family):
-    model = comfy_tiny.TINY_FAMILIES[family][0]()
+    model = comfy_tiny_checkpoint.TINY_FAMILIES[family][0]()
     keys, ctx_dim = (SD2_KEYS, 64) if family == "sd2" else (SDXL_KEYS, 96)
     seen = {}
 
@@ -221,7 +222,7 @@ def test_attention_layout(family):
 def test_checkpoint_patch_families(tiny_checkpoint, comfy_session, tmp_path):
     legacy = tmp_path / "legacy.safetensors"          # marker written before families existed
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(legacy),
-                                metadata={comfy_tiny.TINY_CKPT_METADATA_KEY: json.dumps({"seed": 0})})
+                                metadata={comfy_tiny_checkpoint.TINY_CKPT_METADATA_KEY: json.dumps({"seed": 0})})
     expected = {"sd15": (ModelType.EPS, "l"), "sd2": (ModelType.V_PREDICTION, "h"), "sdxl": (ModelType.EPS, "g")}
     folder = comfy_session.folder("checkpoints")
     for family, (mtype, tok) in expected.items():
@@ -233,7 +234,7 @@ def test_checkpoint_patch_families(tiny_checkpoint, comfy_session, tmp_path):
     assert type(model.model) is comfy.model_base.BaseModel and list(clip.tokenize("x")) == ["l"]
     assert tiny_checkpoint.calls[-1]["family"] == "sd15"
     with pytest.raises(ValueError, match="family"):
-        comfy_tiny.write_tiny_checkpoint_file(tmp_path / "bad.safetensors", family="sd3")
+        comfy_tiny_checkpoint.write_tiny_checkpoint_file(tmp_path / "bad.safetensors", family="sd3")
 
 
 def family_prompt(ckpt_name: str, sdxl_encode: bool = False) -> dict:

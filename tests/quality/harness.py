@@ -470,14 +470,15 @@ def toy_checkpoint(env, counter: PassCounter, weights: Optional[Path] = None):
     function is wrapped by the host tier's checkpoint-loader patch for the block only.
     """
     import comfy.sd
-    import comfy_tiny
+    import comfy_tiny_checkpoint
 
     weights = Path(weights) if weights is not None else toy_model.weights_path()
     link = env.folder("checkpoints") / TOY_CKPT
     link.unlink(missing_ok=True)
     link.symlink_to(weights.resolve())
     original = comfy.sd.load_checkpoint_guess_config
-    comfy.sd.load_checkpoint_guess_config = comfy_tiny.TinyCheckpointPatch(original, {"toy": ToyLoader(counter)})
+    patch = comfy_tiny_checkpoint.TinyCheckpointPatch(original, {"toy": ToyLoader(counter)})
+    comfy.sd.load_checkpoint_guess_config = patch
     try:
         yield link
     finally:
