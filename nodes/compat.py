@@ -60,20 +60,20 @@ def _own_copy_under_autograd(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if torch.is_grad_enabled() else tensor
 
 
-def _cast_weight_keys(module: torch.nn.Module, prefix: str) -> Iterator[str]:
+def _cast_weight_keys(module: torch.nn.Module) -> Iterator[str]:
     """Yield the state keys of the weights that ComfyUI's ops may cast per call.
 
     Biases are left alone: linear, convolution and norm layers never keep them for backward.
     """
     for name, child in module.named_modules():
         if hasattr(child, "comfy_cast_weights") and getattr(child, "weight", None) is not None:
-            yield f"{prefix}{name}.weight" if name else f"{prefix}weight"
+            yield f"{name}.weight" if name else "weight"
 
 
-def with_private_casts(patcher, root: torch.nn.Module, prefix: str):
+def with_private_casts(patcher):
     """Return a clone of `patcher` whose per-call weight casts give autograd a private copy under gradients."""
     clone = patcher.clone()
-    for key in _cast_weight_keys(root, prefix):
+    for key in _cast_weight_keys(patcher.model):
         clone.add_weight_wrapper(key, _own_copy_under_autograd)
     return clone
 
@@ -89,15 +89,16 @@ def gradient_safe_model(model):
     autograd can keep."""
     if not offloads_weights(model) or has_private_casts(model):
         return model
-    return with_private_casts(model, model.model, "")
+    return with_private_casts(model)
 
 
 def gradient_safe_clip(clip):
     """Return `clip`, or when its text encoder is cast per call a CLIP clone whose casts autograd can keep."""
-    if not offloads_weights(clip.patcher) or has_private_casts(clip.patcher):
+    patcher = gradient_safe_model(clip.patcher)
+    if patcher is clip.patcher:
         return clip
     clone = clip.clone()
-    clone.patcher = with_private_casts(clip.patcher, clip.patcher.model, "")
+    clone.patcher = patcher
     return clone
 
 

@@ -41,7 +41,7 @@ class VCTSaveInversion(io.ComfyNode):
         path = storage.save_inversion(inversion, filename_prefix)
         name = os.path.basename(path)
         log.info("VCT Save Inversion: saved %s", path)
-        node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        node_id = getattr(cls.hidden, "unique_id", None)
         server = host.prompt_server()
         if server is not None and node_id is not None:
             # Progress text is what ComfyUI's frontend itself shows on a node.

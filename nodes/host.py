@@ -17,7 +17,6 @@ import comfy.model_management
 import comfy.supported_models
 import comfy.utils
 import torch
-import torch.utils.checkpoint
 
 from ..vct_ops import BRANCHES_KEY, ROLE_UNCOND, ROLES_KEY
 from . import compat, control, recompute
@@ -267,14 +266,14 @@ def training_fits(model, shape) -> bool:
     return needed * 4 < compat.free_memory(model, model.load_device)
 
 
-def training_model(model, shape) -> tuple:
-    """Return (model to train through, whether it recomputes activations): a checkpointed clone when a
+def training_model(model, shape):
+    """Return the model to train through: a clone that recomputes activations in backward when a
     forward+backward pass on `shape` would not fit in free memory, else `model` itself."""
     if training_fits(model, shape):
-        return model, False
+        return model
     log.info("VCT: too little free memory for a training pass on %s; recomputing activations in backward",
              tuple(shape))
-    return recompute.checkpointed_clone(model), True
+    return recompute.checkpointed_clone(model)
 
 
 def load(model, extra=()) -> None:
@@ -295,16 +294,16 @@ def load_for_training(model, clip=None, extra: tuple = ()) -> tuple:
         return (compat.gradient_safe_model(model), compat.gradient_safe_clip(clip) if clip is not None else None,
                 [compat.gradient_safe_model(p) for p in extra])
 
-    def load(model, clip, extra):
-        comfy.model_management.load_models_gpu([model] + ([clip.patcher] if clip is not None else []) + extra)
+    def patchers(clip, extra):
+        return ([clip.patcher] if clip is not None else []) + extra
 
     model, clip, extra = guarded(model, clip, list(extra))
-    load(model, clip, extra)
+    load(model, patchers(clip, extra))
     # A non-dynamic model shows whether it was only partly loaded once it is loaded.
     safe = guarded(model, clip, extra)
     if safe[0] is not model or safe[1] is not clip or any(a is not b for a, b in zip(safe[2], extra)):
         model, clip, extra = safe
-        load(model, clip, extra)
+        load(model, patchers(clip, extra))
     return model, clip
 
 

@@ -174,14 +174,13 @@ class VCTNullTextInvert(io.ComfyNode):
             return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
         device = model.load_device
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
-        model, _ = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
+        model = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
         control = inversion.source_control
         with host.training_mode(), controls_ready(model, [control]) as control_models:
             model, _ = host.load_for_training(model, extra=tuple(control_models))
             unet = model.model.diffusion_model
             host.make_autograd_safe(unet, model.load_device)
-            if control is not None:
-                make_controls_autograd_safe(control, model.load_device)
+            make_controls_autograd_safe(control, model.load_device)  # nothing without a control
             with frozen(unet):
                 result = vct_ops.null_text_invert(
                     host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device),

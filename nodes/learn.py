@@ -109,7 +109,7 @@ class VCTConceptLearn(io.ComfyNode):
         # One pass over all accumulated samples when memory allows (same gradient, faster); when
         # not even one sample fits, activations are recomputed in backward instead of kept.
         fuse = host.training_fits(model, (grad_accum, *references.shape[1:]))
-        model, _ = host.training_model(model, (1, *references.shape[1:]))
+        model = host.training_model(model, (1, *references.shape[1:]))
         with host.training_mode():
             model, clip = host.load_for_training(model, clip)
             config = vct_ops.ConceptConfig(

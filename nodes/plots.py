@@ -14,10 +14,7 @@ FONT_PX = 22
 
 
 def _font(px: int):
-    try:  # Pillow >= 10.1 scales its built-in font
-        return ImageFont.load_default(size=px)
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=px)  # scalable since Pillow 10.1, which the pack requires
 
 
 def step_ticks(count: int, most: int = 6) -> list[int]:
@@ -57,14 +54,13 @@ def tick_label(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def loss_curve(values: list[float], title: str, log_scale: bool = True, size: tuple[int, int] = PLOT_SIZE
-               ) -> torch.Tensor:
-    """Return a [1, H, W, 3] IMAGE of the curve of `values` per step (log-scale y by default), titled with the last."""
-    width, height = size
-    image = Image.new("RGB", size, (255, 255, 255))
+def loss_curve(values: list[float], title: str) -> torch.Tensor:
+    """Return a [1, H, W, 3] IMAGE of the curve of `values` per step on a log-scale y axis, titled with the last."""
+    width, height = PLOT_SIZE
+    image = Image.new("RGB", PLOT_SIZE, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font, small = _font(FONT_PX), _font(FONT_PX - 4)
-    finite = [(i + 1, v) for i, v in enumerate(values) if math.isfinite(v) and (v > 0 or not log_scale)]
+    finite = [(i + 1, v) for i, v in enumerate(values) if math.isfinite(v) and v > 0]
     caption = title + (f"   last {values[-1]:.3g}" if values else "")
     draw.text((12, 8), caption, fill=(0, 0, 0), font=font)
     if len(finite) < 2:
@@ -72,9 +68,9 @@ def loss_curve(values: list[float], title: str, log_scale: bool = True, size: tu
                   fill=(90, 90, 90), font=small)
         return _to_image(image)
     left, top, right, bottom = 92, 48, width - 20, height - 52
-    transform = math.log10 if log_scale else (lambda v: v)
-    ys = [transform(v) for _, v in finite]
-    low, high = min(ys), max(ys)
+    lows, highs = min(v for _, v in finite), max(v for _, v in finite)
+    ys = [math.log10(v) for _, v in finite]
+    low, high = math.log10(lows), math.log10(highs)
     span = (high - low) or 1.0
     count = len(values)
 
@@ -85,10 +81,8 @@ def loss_curve(values: list[float], title: str, log_scale: bool = True, size: tu
         return bottom - (bottom - top) * (y - low) / span
 
     draw.rectangle((left, top, right, bottom), outline=(170, 170, 170))
-    lows, highs = min(v for _, v in finite), max(v for _, v in finite)
-    y_ticks = log_ticks(lows, highs) if log_scale else [lows, highs]
-    for value in y_ticks:
-        y = to_y(transform(value))
+    for value in log_ticks(lows, highs):
+        y = to_y(math.log10(value))
         draw.line((left - 6, y, right, y), fill=(225, 225, 225))
         label = tick_label(value)
         box = draw.textbbox((0, 0), label, font=small)
@@ -100,7 +94,7 @@ def loss_curve(values: list[float], title: str, log_scale: bool = True, size: tu
         label = str(step)
         box = draw.textbbox((0, 0), label, font=small)
         draw.text((x - (box[2] - box[0]) / 2, bottom + 8), label, fill=(60, 60, 60), font=small)
-    axis = "step" + ("   (y: log scale)" if log_scale else "")
+    axis = "step   (y: log scale)"
     box = draw.textbbox((0, 0), axis, font=small)
     draw.text(((left + right - (box[2] - box[0])) / 2, height - 24), axis, fill=(90, 90, 90), font=small)
     draw.line([(to_x(step), to_y(y)) for (step, _), y in zip(finite, ys)], fill=(30, 90, 200), width=3)

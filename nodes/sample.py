@@ -46,7 +46,7 @@ def equalizer_positions(layout: list, equalizer: str) -> list[int]:
     """
     if equalizer not in EQUALIZERS:
         raise ValueError(f"equalizer must be one of {', '.join(EQUALIZERS)}, got {equalizer!r}")
-    positions = [j for j, token in enumerate(layout) if text.OTHER_EMBEDDING < token < 0]
+    positions = [j for j, token in enumerate(layout) if text.is_concept_id(token)]
     return positions if equalizer == "concept_tokens" else [p - 1 for p in positions]
 
 

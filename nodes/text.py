@@ -74,7 +74,9 @@ def initializer_vectors(encoder: TextEncoder, word: str, count: int) -> torch.Te
 LAYOUT_KEY = "vct_token_layout"
 EMPTY_PROMPT_KEY = "vct_empty_prompt"
 PLACEHOLDER = "{concept}"
-OTHER_EMBEDDING = -1000  # minus k: the k-th vector of an embedding:NAME inside the text
+# Ids of another embedding's vectors lie below this, derived from the vector's values (see
+# spliced_tokens); concept vectors take -1, -2, ... above it, real tokens are non-negative.
+OTHER_EMBEDDING = -1000
 
 
 def concept_id(index: int) -> int:
@@ -82,11 +84,25 @@ def concept_id(index: int) -> int:
     return -1 - index
 
 
-def _word_tokens(encoder: TextEncoder, text: str, end: int) -> list:
+def is_concept_id(layout_id: int) -> bool:
+    """Return whether a layout id is one of a concept vector's."""
+    return OTHER_EMBEDDING < layout_id < 0
+
+
+def _tokenize(encoder: TextEncoder, text: str, tokenized: dict | None) -> list:
+    """Return the chunks of `text` for `encoder`, taken from `tokenized` (text -> clip.tokenize(text)) when given."""
+    if tokenized is None:
+        return encoder.clip.tokenize(text)[encoder.key]
+    if text not in tokenized:
+        tokenized[text] = encoder.clip.tokenize(text)  # every encoder's tokens at once
+    return tokenized[text][encoder.key]
+
+
+def _word_tokens(encoder: TextEncoder, text: str, end: int, tokenized: dict | None) -> list:
     """Return the (token, weight) pairs of `text` between its start and its `end` token."""
     if not text.strip():
         return []
-    chunks = encoder.clip.tokenize(text)[encoder.key]
+    chunks = _tokenize(encoder, text, tokenized)
     if len(chunks) > 1:
         raise ValueError("the prompt is longer than one 77-token chunk; VCT needs it to fit in one")
     chunk = chunks[0]
@@ -95,14 +111,17 @@ def _word_tokens(encoder: TextEncoder, text: str, end: int) -> list:
     return [tuple(pair[:2]) for pair in chunk[1:stop]]
 
 
-def spliced_tokens(encoder: TextEncoder, before: str, vectors, after: str) -> tuple[list, list]:
+def spliced_tokens(encoder: TextEncoder, before: str, vectors, after: str,
+                   tokenized: dict | None = None) -> tuple[list, list]:
     """Return (token list as ComfyUI's tokenizer gives it, layout ids) of `before` + concept vectors + `after`.
 
     Equal to what `before embedding:NAME after` tokenizes to once the vectors are saved as NAME.
+    `tokenized` (text -> clip.tokenize(text)) is filled and reused, so each text is tokenized once
+    for all of a CLIP's encoders and across calls.
     """
-    base = encoder.clip.tokenize("")[encoder.key][0]
-    head = _word_tokens(encoder, before, base[1][0])
-    tail = _word_tokens(encoder, after, base[1][0])
+    base = _tokenize(encoder, "", tokenized)[0]
+    head = _word_tokens(encoder, before, base[1][0], tokenized)
+    tail = _word_tokens(encoder, after, base[1][0], tokenized)
     count = 0 if vectors is None else vectors.shape[0]
     middle = [(vectors[i], 1.0) for i in range(count)]
     used = 2 + len(head) + count + len(tail)
@@ -122,9 +141,9 @@ def spliced_tokens(encoder: TextEncoder, before: str, vectors, after: str) -> tu
     return tokens, layout
 
 
-def concept_tokens(encoder: TextEncoder, vectors: torch.Tensor) -> list:
+def concept_tokens(encoder: TextEncoder, vectors: torch.Tensor, tokenized: dict | None = None) -> list:
     """Return the token list of a prompt made only of the concept vectors, as `embedding:NAME` tokenizes it."""
-    return spliced_tokens(encoder, "", vectors, "")[0]
+    return spliced_tokens(encoder, "", vectors, "", tokenized)[0]
 
 
 def encode_prompt(encoders: list[TextEncoder], text: str, vectors: dict | None) -> list:
@@ -143,17 +162,17 @@ def encode_prompt(encoders: list[TextEncoder], text: str, vectors: dict | None) 
     if before.count("(") > before.count(")"):
         raise ValueError(f"{PLACEHOLDER} is inside a (text:weight) group; put it outside, e.g. "
                          f"'a photo of {PLACEHOLDER}, (oil painting:1.2)'")
-    tokens, layout = {}, None
+    tokens, layout, tokenized = {}, None, {}
     for e in encoders:
         vec = vectors[e.key].detach().float().cpu() if vectors is not None else None
-        e_tokens, e_layout = spliced_tokens(e, before, vec, after)
+        e_tokens, e_layout = spliced_tokens(e, before, vec, after, tokenized)
         tokens[e.key] = [e_tokens]
         layout = layout or e_layout  # positions are shared by every encoder of a CLIP
     clip = encoders[0].clip
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
     cond = out.pop("cond")
     out[LAYOUT_KEY] = layout
-    out[EMPTY_PROMPT_KEY] = clip.encode_from_tokens(clip.tokenize(""), return_pooled=False).detach().float().cpu()
+    out[EMPTY_PROMPT_KEY] = clip.encode_from_tokens(tokenized[""], return_pooled=False).detach().float().cpu()
     return [[cond, out]]
 
 
@@ -178,6 +197,7 @@ class GradientEncoder:
         self.encoders, self.model, self.latent_shape, self.device = encoders, model, latent_shape, device
         self.text_device = compat.text_device(encoders[0].clip)
         clip = encoders[0].clip
+        self.tokenized = {"": clip.tokenize("")}  # the concept prompt's frame, tokenized once for every step
         clip.cond_stage_model.reset_clip_options()
         if getattr(clip, "layer_idx", None) is not None:
             clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
@@ -198,7 +218,7 @@ class GradientEncoder:
     def _encode(self, encoder: TextEncoder, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         module = encoder.module
         text_device = self.text_device
-        tokens = [pair[0] for pair in concept_tokens(encoder, vectors.to(text_device))]  # weights are all 1
+        tokens = [pair[0] for pair in concept_tokens(encoder, vectors.to(text_device), self.tokenized)]  # weights 1
         embeds, mask, num_tokens, _ = module.process_tokens([tokens], text_device)
         if module.layer == "all":
             raise ValueError("concept learning needs a CLIP set to one layer, not 'all'")

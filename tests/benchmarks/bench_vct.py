@@ -321,7 +321,7 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
     shape = (1, *z0.shape[1:])
     train = model
     if not cfg.reference:  # what the nodes do: recompute activations in backward when memory is short
-        train = pack.recompute.checkpointed_clone(model) if args.low_memory else host.training_model(model, shape)[0]
+        train = pack.recompute.checkpointed_clone(model) if args.low_memory else host.training_model(model, shape)
         out["checkpointed"] = train is not model
         comfy.model_management.load_models_gpu([train, clip.patcher])
     unet = train.model.diffusion_model

@@ -1,6 +1,6 @@
 """Running things the way ComfyUI runs them, headless: loading a custom node pack, validating and
 executing API-format prompts with ComfyUI's own executor, and (re-exported from the pack's
-tools/run_workflow.py, which owns it) converting UI-format workflows to API prompts.
+tools/vct_ui_to_api.py, which owns it) converting UI-format workflows to API prompts.
 
 ComfyUI 0.3.6x signatures this relies on (checked against 0.3.64):
 - `async nodes.load_custom_node(module_path, ignore=set(), module_parent="custom_nodes") -> bool`
@@ -276,16 +276,13 @@ def _load_run_workflow():
 
 run_workflow = _load_run_workflow()
 _conversion = run_workflow.conversion  # tools/vct_ui_to_api.py, as the runner loaded it
-WIDGET_TYPES, VIRTUAL_NODES = _conversion.WIDGET_TYPES, _conversion.VIRTUAL_NODES
-UPLOAD_FLAGS, MODE_MUTED, MODE_BYPASS = _conversion.UPLOAD_FLAGS, _conversion.MODE_MUTED, _conversion.MODE_BYPASS
 node_info, widget_layout = _conversion.node_info, _conversion.widget_layout
 _assign_widget_values, ui_to_api = _conversion._assign_widget_values, _conversion.ui_to_api
-set_inputs, load_workflow = _conversion.set_inputs, _conversion.load_workflow
-api_prompt_from_file = _conversion.api_prompt_from_file
+set_inputs, api_prompt_from_file = _conversion.set_inputs, _conversion.api_prompt_from_file
 
 
 __all__ = [
     "LoadedPack", "PackLoadError", "load_pack", "PromptValidationError", "PromptExecutionError",
     "DummyServer", "RunResult", "validate_prompt", "run_prompt", "node_info", "widget_layout",
-    "ui_to_api", "set_inputs", "load_workflow", "api_prompt_from_file", "run_workflow",
+    "ui_to_api", "set_inputs", "api_prompt_from_file", "run_workflow",
 ]

@@ -59,10 +59,7 @@ def thumbnail(grid: np.ndarray, row: int, scale: int = 2, with_edges: bool = Fal
     width, line_h = 2 * side + 3 * pad, side + label_h
     image = Image.new("RGB", (width, lines * line_h + (lines + 1) * pad - pad // 2), (32, 32, 32))
     draw = ImageDraw.Draw(image)
-    try:
-        font = ImageFont.load_default(size=20)
-    except TypeError:
-        font = ImageFont.load_default()
+    font = ImageFont.load_default(size=20)
     for index, (label, array) in enumerate(zip(labels, tiles)):
         line, column = divmod(index, 2)
         alone = index == len(tiles) - 1 and len(tiles) % 2  # the last of an odd count: centred
