@@ -31,6 +31,7 @@ import comfy.model_management  # noqa: E402
 import comfy.utils  # noqa: E402
 import execution  # noqa: E402
 import server  # noqa: E402
+import torch  # noqa: E402
 from comfy_execution.utils import get_executing_context  # noqa: E402
 
 import nodes  # noqa: E402
@@ -111,6 +112,29 @@ def load_pack(source: str | os.PathLike = comfy_env.REPO_ROOT, name: str = comfy
                       if getattr(v, "RELATIVE_PYTHON_MODULE", None) == relative_module)
     module = sys.modules.get(str(link).replace(".", "_x_"))  # load_custom_node's module name for folders
     return LoadedPack(name=name, path=link, module=module, node_ids=node_ids, log=log)
+
+
+def encode(clip, text):
+    """Return the CONDITIONING CLIPTextEncode gives for `text`."""
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    return [[out.pop("cond"), out]]
+
+
+class Pack:
+    """The loaded pack's node classes and modules."""
+
+    def __init__(self, loaded):
+        self.node = {k: nodes.NODE_CLASS_MAPPINGS[k] for k in loaded.node_ids}
+        self.vct_ops = loaded.module.vct_ops
+        self.host = loaded.module.nodes.host
+        self.control = loaded.module.nodes.control
+        self.inputs = loaded.module.nodes.inputs
+        self.recompute = loaded.module.nodes.recompute
+        self.text = loaded.module.nodes.text
+
+    def run(self, node_id, *args, **kwargs):
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes
+            return self.node[node_id].execute(*args, **kwargs).args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +306,7 @@ set_inputs, api_prompt_from_file = _conversion.set_inputs, _conversion.api_promp
 
 
 __all__ = [
-    "LoadedPack", "PackLoadError", "load_pack", "PromptValidationError", "PromptExecutionError",
+    "LoadedPack", "PackLoadError", "load_pack", "Pack", "encode", "PromptValidationError", "PromptExecutionError",
     "DummyServer", "RunResult", "validate_prompt", "run_prompt", "node_info", "widget_layout",
     "ui_to_api", "set_inputs", "api_prompt_from_file", "run_workflow",
 ]

@@ -22,7 +22,7 @@ Fixtures (see the helper modules for details):
                              CheckpointLoaderSimple & co. return fresh tiny models and ControlNetLoader
                              a tiny ControlNet; .name, .add(name, seed=0, family="sd15"),
                              .add_controlnet(name), .calls
-    pack                     test_nodes.Pack of vct_pack: its node classes and modules (host, text, ...)
+    pack                     comfy_runner.Pack of vct_pack: its node classes and modules (host, text, ...)
     vct_pack                 comfy_runner.LoadedPack of this repository, loaded once per session as
                              custom_nodes/ComfyUI-VCT with nodes.load_custom_node (errors with
                              ComfyUI's log if the pack does not load)
@@ -219,8 +219,8 @@ def tiny_checkpoint(comfy_session, monkeypatch):
 
 @pytest.fixture(scope="session")
 def pack(vct_pack):
-    """The loaded pack's node classes and modules (test_nodes.Pack)."""
-    from test_nodes import Pack
+    """The loaded pack's node classes and modules (comfy_runner.Pack)."""
+    from comfy_runner import Pack
 
     return Pack(vct_pack)
 

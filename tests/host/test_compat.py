@@ -17,8 +17,8 @@ import comfy_tiny_controlnet
 import execution
 import pytest
 import torch
+from comfy_runner import encode
 from test_memory import pass_with_gradient
-from test_nodes import encode
 
 
 def reused_buffer(buffers: dict, kind: str):

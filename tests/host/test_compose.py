@@ -6,7 +6,7 @@ import comfy_tiny
 import comfy_tiny_controlnet
 import pytest
 import torch
-from test_nodes import encode
+from comfy_runner import encode
 
 STEPS = 4
 

@@ -7,7 +7,9 @@ import comfy_runner
 import comfy_tiny_checkpoint
 import pytest
 import torch
-from test_nodes import WORKFLOWS, encode, recording_patches, small_workflow
+from comfy_runner import encode
+from test_nodes import recording_patches
+from test_workflows import WORKFLOWS, small_workflow
 
 STEPS = 6
 FAMILIES = ["sd2", "sdxl"]

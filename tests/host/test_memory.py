@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import comfy_tiny
 import torch
-from test_nodes import encode
+from comfy_runner import encode
 
 
 def blocks(model):

@@ -8,7 +8,7 @@ import sys
 import comfy_tiny
 import pytest
 import torch
-from test_nodes import encode
+from comfy_runner import encode
 
 STEPS = 4
 
