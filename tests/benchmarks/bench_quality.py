@@ -115,7 +115,9 @@ def main() -> int:
     comfy_env.ensure_bootstrapped()
     import comfy_runner
     import harness
+    import running
     import safetensors
+    import scoring
     import toy_model
     import world
 
@@ -131,14 +133,14 @@ def main() -> int:
 
     env = comfy_env.get_env()
     pack = comfy_runner.load_pack()
-    counter = harness.PassCounter()
+    counter = running.PassCounter()
     settings = harness.settings_with(equalizer=args.equalizer, seed=args.seed)
     tasks = harness.task_set()[: args.tasks]
     per_task, outcomes, record = [], [], []
     start = time.perf_counter()
     clip = toy_model.build()[1]  # only to count the caption's tokens
-    with harness.toy_checkpoint(env, counter, weights):
-        runner = harness.Runner(env.input_dir, counter)
+    with running.toy_checkpoint(env, counter, weights):
+        runner = running.Runner(env.input_dir, counter)
         for task in tasks:
             groups = ["main"]
             if task.index < args.cost_tasks:
@@ -147,7 +149,7 @@ def main() -> int:
                 groups.append("reconstruction")
             text_tokens = harness.caption_tokens(clip, task.reference.caption())
             outcome = runner.run(task, settings, tuple(groups), text_tokens=text_tokens)
-            rows = harness.score(outcome)
+            rows = scoring.score(outcome)
             per_task.append(rows)
             outcomes.append(outcome)
             record.append({"task": task.name, "seconds": outcome.seconds, "methods": rows})
@@ -155,11 +157,11 @@ def main() -> int:
             print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: VCT IoU {vct['structure']:.2f} concept "
                   f"{vct['concept']:.2f} found {vct['found']}; task {outcome.seconds:.0f} s", flush=True)
         # Sequential accumulation in a fresh executor, whose empty cache makes every node run again.
-        runner = harness.Runner(env.input_dir, counter)
+        runner = running.Runner(env.input_dir, counter)
         for task, rows in zip(tasks[: args.sequential_tasks], per_task):
-            with harness.sequential_accumulation(pack.module.nodes.host):
+            with running.sequential_accumulation(pack.module.nodes.host):
                 outcome = runner.run(task, settings, ("sequential",))
-            rows.update(harness.score(outcome))
+            rows.update(scoring.score(outcome))
             print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: sequential accumulation, task "
                   f"{outcome.seconds:.0f} s", flush=True)
     table = mean_rows(per_task)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import comfy.model_management
     import comfy_runner
 
-    pack = bench_vct.Pack(comfy_runner.load_pack().module)
+    pack = comfy_runner.Pack(comfy_runner.load_pack())
     host = pack.host
     build_args = argparse.Namespace(size=args.size, checkpoint=None, model="full", ours_dtype="auto")
     with torch.inference_mode():
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     device = model.load_device
     shape = (1, 4, args.size // 8, args.size // 8)
     with torch.no_grad():
-        cond = pack.inputs.model_cond(model, bench_vct.encode(models.clip, ""), "source", shape)
+        cond = pack.inputs.model_cond(model, comfy_runner.encode(models.clip, ""), "source", shape)
     sigma = host.train_sigmas(model)[500].view(1).clone().to(device)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
 

@@ -19,14 +19,22 @@ import argparse
 import dataclasses
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "host"))
+sys.path.insert(0, str(HERE))  # measure.py and reference_costs.py beside it, also when imported elsewhere
+
+from measure import stage  # noqa: E402
+from reference_costs import (  # noqa: E402
+    attention_store,
+    posterior,
+    reference_attention,
+    reference_null_text,
+    reference_sampler,
+)
 
 FULL_SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -74,90 +82,6 @@ class Models:
     clip: object
     vae: torch.nn.Module
     dtype: torch.dtype
-
-
-class PeakMemory:
-    """Peak memory over a block: the CUDA allocator's peak, or the process's resident set sampled every 5 ms."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.stop = threading.Event()
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self.stop.is_set():
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.stop.set()
-            self.thread.join()
-
-
-class Counting:
-    """Wraps a denoiser and counts model rows run without and with gradients."""
-
-    def __init__(self, denoise) -> None:
-        self.denoise, self.forward, self.backward = denoise, 0, 0
-
-    def __call__(self, x, sigma, cond, options=None):
-        if torch.is_grad_enabled():
-            self.backward += x.shape[0]
-        else:
-            self.forward += x.shape[0]
-        return self.denoise(x, sigma, cond, options)
-
-
-def explicit_attention(func, q, k, v, heads, *args, **kwargs):
-    """ComfyUI attention override: softmax(q k^T) materialised, as the reference code's attention computes it."""
-    import comfy.ldm.modules.attention as comfy_attention
-
-    # attention_basic is itself wrapped; the wrapper's own marker in kwargs keeps it from recursing.
-    return comfy_attention.attention_basic(q, k, v, heads, *args, **kwargs)
-
-
-def reference_attention(model):
-    """Return a clone of `model` whose every attention call materialises its maps."""
-    clone = model.clone()
-    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = explicit_attention
-    return clone
-
-
-def attention_store(pack, model, limit):
-    """Return (a clone of `model` whose attention keeps the conditional rows' maps of at most `limit` queries,
-    summed over steps, like prompt-to-prompt's AttentionStore, and the store)."""
-    vct = pack.vct_ops
-    store = {}
-    clone = model.clone()
-
-    def make(key):
-        def patch(q, k, v, extra):
-            heads = extra["n_heads"]
-            probs = vct.attention_probs(q, k, heads)
-            if q.shape[1] <= limit:
-                half = q.shape[0] // 2
-                store[key] = store.get(key, 0) + probs[half:]
-            return vct.apply_probs(probs, v, heads)
-        return patch
-
-    for key in pack.host.transformer_block_keys(clone):
-        for kind in ("attn1", "attn2"):
-            clone.set_model_patch_replace(make((kind, *key)), kind, *key)
-    return clone, store
 
 
 def resolve_dtypes(args, reference: bool):
@@ -220,79 +144,6 @@ def inputs(args):
     return source, image
 
 
-def posterior(vae, image):
-    """Return the VAE posterior's (mean, std) for `image`, in float32."""
-    moments = vae.quant_conv(vae.encoder(image.to(next(vae.parameters()).dtype))).float()
-    mean, logvar = moments.chunk(2, dim=1)
-    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
-
-def reference_sampler(model, vae, image):
-    """Return a latent sampler that, like the reference's training loop, flips the image with probability 0.5,
-    encodes it and samples the posterior at every call."""
-    def sample(generator):
-        flipped = image.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else image
-        with torch.no_grad():
-            mean, std = posterior(vae, flipped.to(next(vae.parameters()).device))
-        noise = torch.randn(mean.shape, generator=generator).to(mean)
-        return model.model.process_latent_in(mean + std * noise)
-    return sample
-
-
-def reference_null_text(pack, denoise, trajectory, sigmas, cond, uncond, inner_steps, guidance=7.5):
-    """Return per-step null embeddings computed step for step like the reference's null-text loop."""
-    vct = pack.vct_ops
-    steps = sigmas.numel() - 1
-    x = trajectory[-1].clone()
-    phi = {k: v.clone() for k, v in uncond.items()}
-    out = []
-    with torch.enable_grad():
-        for i in range(steps):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            sig = sigma.view(1).to(x)
-            target = trajectory[steps - i - 1]
-            phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
-            optimizer = torch.optim.Adam(list(phi.values()), lr=1e-2 * (1.0 - i / 100.0))
-            with torch.no_grad():
-                den_cond = denoise(x, sig, cond, None)
-            for _ in range(inner_steps):
-                den_uncond = denoise(x, sig, phi, None)
-                x_prev = vct.ddim_step(x, sigma, sigma_next, vct.cfg(den_uncond, den_cond, guidance))
-                loss = torch.mean((x_prev - target) ** 2) / (1.0 + sigma_next * sigma_next)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if loss.item() < 1e-5 + i * 2e-5:
-                    break
-            phi = {k: v.detach() for k, v in phi.items()}
-            out.append(phi)
-            with torch.no_grad():
-                both = {k: torch.cat([phi[k], cond[k]]) for k in cond}
-                den = denoise(torch.cat([x, x]), sig.repeat(2), both, None)
-                x = vct.ddim_step(x, sigma, sigma_next, vct.cfg(den[:1], den[1:], guidance))
-    return out
-
-
-def stage(results, name, device, fn):
-    """Run `fn(counter_factory)`, recording wall time, model rows and peak memory under `name`; return its value."""
-    counters = []
-
-    def counted(denoise):
-        counter = Counting(denoise)
-        counters.append(counter)
-        return counter
-
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        value = fn(counted)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    results[name] = {"time_s": seconds, "forward": sum(c.forward for c in counters),
-                     "forward_backward": sum(c.backward for c in counters), "peak_mb": memory.peak / 2**20}
-    return value
-
-
 def run_config(pack, cfg: Config, models: Models, source_latent, image, args, source_prompt=None):
     """Run every stage under one configuration; return ({stage: figures}, outputs for the quality checks).
 
@@ -300,6 +151,7 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
     any, so both invert the same problem (see `main`); without it this configuration encodes it.
     """
     import comfy.model_management
+    from comfy_runner import encode
 
     vct, host, text, sample = pack.vct_ops, pack.host, pack.text, pack.sample
     clip, vae = models.clip, models.vae
@@ -406,23 +258,6 @@ def fixed_concept_loss(pack, models: Models, vectors, image, samples=16):
     return total / samples
 
 
-def encode(clip, text_prompt):
-    """Return the CONDITIONING of a prompt."""
-    out = clip.encode_from_tokens(clip.tokenize(text_prompt), return_pooled=True, return_dict=True)
-    return [[out.pop("cond"), out]]
-
-
-class Pack:
-    """The pack's modules as ComfyUI loaded them."""
-
-    def __init__(self, module) -> None:
-        self.vct_ops = module.vct_ops
-        self.host, self.text = module.nodes.host, module.nodes.text
-        self.sample, self.learn = module.nodes.sample, module.nodes.learn
-        self.recompute = module.nodes.recompute
-        self.inputs = module.nodes.inputs
-
-
 def print_table(results, outputs):
     """Print the per-stage figures of both configurations and their ratios, then the quality figures."""
     ref, ours = results["reference"], results["ours"]
@@ -476,7 +311,7 @@ def main(argv=None) -> int:
     comfy_env.ensure_bootstrapped()
     import comfy_runner
 
-    pack = Pack(comfy_runner.load_pack().module)
+    pack = comfy_runner.Pack(comfy_runner.load_pack())
     source, image = inputs(args)
     results, outputs = {}, {}
     # The source prompt is encoded once, by the configuration that runs first, and both invert it.

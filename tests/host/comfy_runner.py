@@ -131,6 +131,7 @@ class Pack:
         self.inputs = loaded.module.nodes.inputs
         self.recompute = loaded.module.nodes.recompute
         self.text = loaded.module.nodes.text
+        self.sample, self.learn = loaded.module.nodes.sample, loaded.module.nodes.learn
 
     def run(self, node_id, *args, **kwargs):
         with torch.inference_mode():  # as ComfyUI's executor runs nodes

@@ -19,6 +19,8 @@ if str(_QUALITY) not in sys.path:
     sys.path.insert(0, str(_QUALITY))
 
 import harness  # noqa: E402
+import running  # noqa: E402
+import scoring  # noqa: E402
 import toy_model  # noqa: E402
 
 TASKS = (0, 1, 2, 3, 4, 5)
@@ -36,18 +38,18 @@ def quality(comfy_session, vct_pack):
         weights = toy_model.weights_path(train_if_missing=False)
     except FileNotFoundError as e:
         pytest.fail(f"{e}: run `python tests/quality/toy_model.py` and commit the file it prints")
-    counter = harness.PassCounter()
+    counter = running.PassCounter()
     tasks = harness.task_set()
     clip = toy_model.build()[1]  # only to count caption tokens
     scores = []
-    with harness.toy_checkpoint(comfy_session, counter, weights):
-        runner = harness.Runner(comfy_session.input_dir, counter)
+    with running.toy_checkpoint(comfy_session, counter, weights):
+        runner = running.Runner(comfy_session.input_dir, counter)
         for index in TASKS:
             task = tasks[index]
             groups = ("main", "reconstruction") if index in RECONSTRUCTION_TASKS else ("main",)
             outcome = runner.run(task, harness.Settings(), groups,
                                  text_tokens=harness.caption_tokens(clip, task.reference.caption()))
-            scores.append(harness.score(outcome))
+            scores.append(scoring.score(outcome))
     return scores
 
 
