@@ -1,11 +1,10 @@
 """The VCT nodes: thin ComfyUI glue around `vct_ops`. Reached only as `<pack>.nodes`."""
 from comfy_api.latest import ComfyExtension, io
 
-from .files import VCTLoadInversion, VCTSaveInversion
-from .invert import VCTDDIMInvert, VCTNullTextInvert
-from .learn import VCTConceptLearn
-from .prompt import VCTConceptPrompt
-from .sample import VCTDualBranchSampler
+from .concept_nodes import VCTConceptLearn, VCTConceptPrompt
+from .inversion_file_nodes import VCTLoadInversion, VCTSaveInversion
+from .inversion_nodes import VCTDDIMInvert, VCTNullTextInvert
+from .sampler_node import VCTDualBranchSampler
 
 NODES = [VCTDDIMInvert, VCTNullTextInvert, VCTConceptLearn, VCTConceptPrompt, VCTDualBranchSampler, VCTSaveInversion,
          VCTLoadInversion]

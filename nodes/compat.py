@@ -102,14 +102,6 @@ def gradient_safe_clip(clip):
     return clone
 
 
-def text_device(clip) -> torch.device:
-    """Return the device the text encoder runs on: its patcher's load device, as ComfyUI's own encode uses.
-
-    Under Dynamic VRAM the weights stay in system memory, so their device says nothing.
-    """
-    return clip.patcher.load_device
-
-
 @contextlib.contextmanager
 def training_kernels() -> Iterator[None]:
     """Within, ComfyUI (0.38.x) picks differentiable kernels over inference-only fused ones; a no-op before."""

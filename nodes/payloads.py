@@ -1,7 +1,8 @@
-"""The pack's custom types: what flows between the VCT nodes."""
+"""The pack's custom types: what flows between the VCT nodes, and the content methods' table."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Optional
 
 import torch
@@ -10,6 +11,38 @@ from comfy_api.latest import io
 # Declared once; the README lists them.
 Inversion = io.Custom("VCT_INVERSION")
 Concept = io.Custom("VCT_CONCEPT")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodTraits:
+    """What one content method does: where its null embeddings come from and what the sampler does with them."""
+
+    optimises: bool  # runs the per-step optimisation (slow)
+    nulls_from_source: bool  # the null embeddings are the source prompt itself
+    corrects_reconstruction: bool  # the sampler puts B* back on the inversion path every step
+    tuned_for_cfg: bool  # the null embeddings only rebuild the source at the CFG scale they were made for
+
+
+class ContentMethod(str, enum.Enum):
+    """How VCT Content Null-Text Invert makes the null embeddings (values as the node's `method` input)."""
+
+    NULL_TEXT = "null_text"
+    NEGATIVE_PROMPT = "negative_prompt"
+    DIRECT = "direct"
+
+    @property
+    def traits(self) -> MethodTraits:
+        """Return what this method does (the one table below)."""
+        return METHOD_TRAITS[self]
+
+
+METHOD_TRAITS = {
+    ContentMethod.NULL_TEXT: MethodTraits(True, False, False, True),
+    ContentMethod.NEGATIVE_PROMPT: MethodTraits(False, True, False, False),
+    ContentMethod.DIRECT: MethodTraits(False, False, True, False),
+}
+# Null embeddings set by hand (no content method ran): plain CFG, nothing corrected.
+UNTUNED = MethodTraits(False, False, False, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +57,7 @@ class InversionData:
     family: str
     null_embeddings: Optional[dict] = None  # like source_cond, each tensor with a leading step dimension
     null_losses: Optional[list] = None
-    method: str = "ddim"
+    method: Optional[ContentMethod] = None  # None until the content inversion has run
     cfg: float = 7.5  # the CFG scale the null embeddings were made for
     source_layout: Optional[list] = None  # the source prompt's token ids, when its conditioning recorded them
     # A ControlNet on the source prompt (ComfyUI control object): every later pass of the source runs
@@ -35,6 +68,11 @@ class InversionData:
     def steps(self) -> int:
         """Return the number of sampling steps."""
         return self.sigmas.numel() - 1
+
+    @property
+    def traits(self) -> MethodTraits:
+        """Return what the content method that made the null embeddings does (UNTUNED when none ran)."""
+        return self.method.traits if self.method is not None else UNTUNED
 
     def null_list(self) -> list[dict]:
         """Return the null embeddings as one conditioning dict per step."""

@@ -10,7 +10,7 @@ import folder_paths
 import safetensors.torch
 import torch
 
-from .payloads import InversionData
+from .payloads import ContentMethod, InversionData
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-. ]{0,127}")
 INVERSION_FOLDER = "vct_inversions"
@@ -85,7 +85,8 @@ def save_inversion(data: InversionData, prefix: str) -> str:
     if data.null_embeddings is not None:
         tensors.update({f"null_embeddings.{k}": v for k, v in data.null_embeddings.items()})
     metadata = {
-        "format": FORMAT, "model_fingerprint": data.model_fingerprint, "family": data.family, "method": data.method,
+        "format": FORMAT, "model_fingerprint": data.model_fingerprint, "family": data.family,
+        "method": data.method.value if data.method else "ddim",
         "null_losses": json.dumps(data.null_losses), "cfg": str(data.cfg),
         "source_layout": json.dumps(data.source_layout),
     }
@@ -106,11 +107,12 @@ def load_inversion(filename: str) -> InversionData:
         raise ValueError(f"{filename} is not a VCT inversion file (format {metadata.get('format')!r})")
     losses = json.loads(metadata.get("null_losses", "null"))
     nulls = _group(tensors, "null_embeddings.")
+    method = metadata.get("method", "ddim")  # "ddim": saved before the content inversion ran
     return InversionData(
         trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], source_cond=_group(tensors, "source_cond."),
         source_latent=tensors["source_latent"], model_fingerprint=metadata["model_fingerprint"],
         family=metadata["family"], null_embeddings=nulls or None, null_losses=losses,
-        method=metadata.get("method", "ddim"), cfg=float(metadata.get("cfg", 7.5)),
+        method=None if method == "ddim" else ContentMethod(method), cfg=float(metadata.get("cfg", 7.5)),
         source_layout=json.loads(metadata.get("source_layout", "null")),
     )
 

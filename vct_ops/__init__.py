@@ -32,7 +32,7 @@ from .concept import (
 from .conditioning import Cond, cond_cat, cond_detach, cond_leaves, cond_map
 from .ddim import cfg, ddim_invert, ddim_invert_step, ddim_sample, ddim_step, guided_denoise, latent_to_x, x_to_latent
 from .dual_branch import DualBranchResult, Guidance, dual_branch_sample
-from .null_text import CONTENT_METHODS, NullTextResult, fixed_null_embeddings, null_text_invert
+from .null_text import NullTextResult, fixed_null_embeddings, null_text_invert
 from .scaling import LossScale
 from .schedule import (
     alphas_cumprod_to_sigmas,
@@ -83,7 +83,6 @@ __all__ = [
     "x_to_latent",
     "DualBranchResult",
     "dual_branch_sample",
-    "CONTENT_METHODS",
     "NullTextResult",
     "LossScale",
     "fixed_null_embeddings",

@@ -18,7 +18,7 @@ from .scaling import LossScale
 from .validate import check_finite, check_latent, check_steps
 
 LatentSampler = Callable[[torch.Generator], torch.Tensor]
-TextEncoder = Callable[[Cond], Cond]
+VectorEncoder = Callable[[Cond], Cond]  # concept vectors -> conditioning
 ProgressCallback = Callable[[int, int], None]
 PREDICTION_TYPES = ("eps", "v")
 
@@ -71,18 +71,23 @@ def init_concept_vectors(token_embeddings: torch.Tensor, num_vectors: int) -> to
 
 
 def reference_latent_sampler(
-    mean: torch.Tensor, std: Optional[torch.Tensor] = None, flip_probability: float = 0.5
+    latents: torch.Tensor, std: Optional[torch.Tensor] = None, flip_probability: float = 0.5
 ) -> LatentSampler:
-    """Return a sampler of training latents: randomly mirrored, drawn from N(mean, std^2) when `std` is given."""
-    check_latent("mean", mean)
+    """Return a sampler of training latents: one of `latents` at random, mirrored with probability
+    `flip_probability`, drawn from N(latent, std^2) when `std` is given.
+
+    The reference flips the image before encoding; a latent has no image, so the latent is mirrored
+    instead (the VAE is close to flip-equivariant).
+    """
+    check_latent("latents", latents)
 
     def sample(generator: torch.Generator) -> torch.Tensor:
+        index = int(torch.randint(0, latents.shape[0], (1,), generator=generator))
+        latent = latents[index : index + 1]
         flip = bool(torch.rand((), generator=generator) < flip_probability)
         if std is not None:
-            noise = torch.randn(mean.shape, generator=generator).to(mean)
-            latent = mean + std * noise
-        else:
-            latent = mean
+            spread = std[index : index + 1] if std.shape[0] == latents.shape[0] else std
+            latent = latent + spread * torch.randn(latent.shape, generator=generator).to(latent)
         return latent.flip(-1) if flip else latent
 
     return sample
@@ -136,7 +141,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def learn_concept(
     denoise: Denoiser,
-    encode: TextEncoder,
+    encode: VectorEncoder,
     init_vectors: Cond,
     sample_latent: LatentSampler,
     train_sigmas: torch.Tensor,

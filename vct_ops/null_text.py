@@ -129,9 +129,6 @@ def null_text_invert(
     return NullTextResult(embeddings=embeddings, losses=losses, iterations=iterations)
 
 
-CONTENT_METHODS = ("null_text", "negative_prompt", "direct")
-
-
 def fixed_null_embeddings(uncond: Cond, steps: int) -> NullTextResult:
     """Return one unchanged null embedding per step, with no optimisation.
 

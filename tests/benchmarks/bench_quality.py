@@ -159,7 +159,7 @@ def main() -> int:
         # Sequential accumulation in a fresh executor, whose empty cache makes every node run again.
         runner = running.Runner(env.input_dir, counter)
         for task, rows in zip(tasks[: args.sequential_tasks], per_task):
-            with running.sequential_accumulation(pack.module.nodes.host):
+            with running.sequential_accumulation(pack.module.nodes.model.training):
                 outcome = runner.run(task, settings, ("sequential",))
             rows.update(scoring.score(outcome))
             print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: sequential accumulation, task "

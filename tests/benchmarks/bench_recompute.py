@@ -59,7 +59,6 @@ def main(argv=None) -> int:
     import comfy_runner
 
     pack = comfy_runner.Pack(comfy_runner.load_pack())
-    host = pack.host
     build_args = argparse.Namespace(size=args.size, checkpoint=None, model="full", ours_dtype="auto")
     with torch.inference_mode():
         models = bench_vct.build(build_args, reference=False)
@@ -67,26 +66,27 @@ def main(argv=None) -> int:
     device = model.load_device
     shape = (1, 4, args.size // 8, args.size // 8)
     with torch.no_grad():
-        cond = pack.inputs.model_cond(model, comfy_runner.encode(models.clip, ""), "source", shape)
-    sigma = host.train_sigmas(model)[500].view(1).clone().to(device)
+        cond = pack.conditioning.model_cond(model, comfy_runner.encode(models.clip, ""), "source", shape)
+    sigma = pack.identity.train_sigmas(model)[500].view(1).clone().to(device)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     transformer_only = model.clone()
     import comfy.ldm.modules.attention as comfy_attention
 
-    for name, forward in pack.recompute._checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
+    for name, forward in pack.recompute.checkpoint_patches(model.model.diffusion_model, "diffusion_model.",
+                                                         pack.sd_unet.SDUNet().recompute_types()):
         if isinstance(forward.block, comfy_attention.BasicTransformerBlock):
             transformer_only.add_object_patch(name, forward)
     versions = {"plain": model, "transformer blocks": transformer_only,
                 "transformer+residual": pack.recompute.checkpointed_clone(model)}
     print(f"device {device}, UNet {models.dtype}, {args.size}px, batch 1")
-    with host.training_mode():
+    with pack.training.training_mode():
         for rep in range(args.repeats):
             for label, version in versions.items():
                 comfy.model_management.load_models_gpu([version])
-                host.make_autograd_safe(version.model.diffusion_model)
+                pack.training.make_autograd_safe(version.model.diffusion_model)
                 leaf = {k: v.to(device).clone().requires_grad_(True) for k, v in cond.items()}
-                denoise = host.Denoiser(version, gradients=True)
+                denoise = pack.denoiser.Denoiser(version, gradients=True)
                 start = time.perf_counter()
                 kept, out = saved_bytes(version, denoise, x, sigma, leaf, None)
                 out.float().square().mean().backward()

@@ -153,34 +153,35 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
     import comfy.model_management
     from comfy_runner import encode
 
-    vct, host, text, sample = pack.vct_ops, pack.host, pack.text, pack.sample
+    vct = pack.vct_ops
     clip, vae = models.clip, models.vae
     model = reference_attention(models.model) if cfg.reference else models.model.clone()
     device = model.load_device
     results, out = {}, {}
-    z0 = pack.inputs.latent_in(model, source_latent, "source")
+    z0 = pack.conditioning.latent_in(model, source_latent, "source")
     empty = source_prompt if source_prompt is not None else encode(clip, "")
     out["source_prompt"] = empty
-    cond = pack.inputs.model_cond(model, empty, "source", z0.shape)
-    sigmas = vct.ddim_sigmas(host.train_sigmas(model), args.steps).to(device)
+    cond = pack.conditioning.model_cond(model, empty, "source", z0.shape)
+    sigmas = vct.ddim_sigmas(pack.identity.train_sigmas(model), args.steps).to(device)
     comfy.model_management.load_models_gpu([model, clip.patcher])
     cond = {k: v.to(device) for k, v in cond.items()}
 
     x0 = vct.latent_to_x(z0.to(device), sigmas[-1])
     trajectory = stage(results, "ddim_invert", device,
-                       lambda c: vct.ddim_invert(c(host.Denoiser(model)), x0, sigmas, cond))
+                       lambda c: vct.ddim_invert(c(pack.denoiser.Denoiser(model)), x0, sigmas, cond))
 
     shape = (1, *z0.shape[1:])
     train = model
     if not cfg.reference:  # what the nodes do: recompute activations in backward when memory is short
-        train = pack.recompute.checkpointed_clone(model) if args.low_memory else host.training_model(model, shape)
+        training = pack.training
+        train = pack.recompute.checkpointed_clone(model) if args.low_memory else training.training_model(model, shape)
         out["checkpointed"] = train is not model
         comfy.model_management.load_models_gpu([train, clip.patcher])
     unet = train.model.diffusion_model
-    with host.training_mode():
-        host.make_autograd_safe(unet)
+    with pack.training.training_mode():
+        pack.training.make_autograd_safe(unet)
         # The reference's attention is plain autograd; ours needs the gradient-safe override.
-        denoiser = host.Denoiser(train, gradients=not cfg.reference)
+        denoiser = pack.denoiser.Denoiser(train, gradients=not cfg.reference)
         if cfg.reference:
             for param in unet.parameters():
                 param.requires_grad_(True)  # the reference never freezes the UNet for null-text
@@ -194,10 +195,10 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
                 c(denoiser), trajectory.clone(), sigmas.clone(), {k: v.clone() for k, v in cond.items()},
                 {k: v.clone() for k, v in cond.items()}, inner_steps=args.inner_steps)).embeddings
 
-        encoders = text.text_encoders(clip, "benchmark")
+        encoders = pack.clip_text.clip_encoders(clip, "benchmark")
         for e in encoders:
-            host.make_autograd_safe(e.module)
-        init = {e.key: text.initializer_vectors(e, "dog", 3).to(device) for e in encoders}
+            pack.training.make_autograd_safe(e.module)
+        init = {e.key: pack.clip_text.initializer_vectors(e, "dog", 3).to(device) for e in encoders}
 
         def learn(c):
             if cfg.reference:
@@ -205,30 +206,32 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
             else:  # what the nodes do: VAEEncode once (the posterior mode), fuse when memory allows
                 with torch.no_grad():
                     mean, _ = posterior(vae, image.to(device))
-                sampler = pack.learn.latent_sampler(pack.inputs.latent_in(model, {"samples": mean.cpu()}, "reference"))
-                fuse = not args.low_memory and host.training_fits(model, (4, *shape[1:]))
+                reference = pack.conditioning.latent_in(model, {"samples": mean.cpu()}, "reference")
+                sampler = pack.vct_ops.reference_latent_sampler(reference)
+                fuse = not args.low_memory and pack.training.training_fits(model, (4, *shape[1:]))
             config = vct.ConceptConfig(steps=args.concept_steps, grad_accum=4, seed=args.seed,
                                         fuse_accumulation=fuse)
             out["fused"] = fuse
-            return vct.learn_concept(c(denoiser), text.GradientEncoder(encoders, train, shape, device), init,
-                                     sampler, host.train_sigmas(model).to(device), config)
+            to_model = pack.conditioning.differentiable_model_cond(train, "concept", shape, device)
+            return vct.learn_concept(c(denoiser), pack.clip_text.GradientEncoder(encoders, to_model), init,
+                                     sampler, pack.identity.train_sigmas(model).to(device), config)
 
         concept = stage(results, "concept_learn", device, learn)
     out["vectors"] = concept.vectors
 
-    concept_cond = pack.inputs.model_cond(model, text.encode_concept(encoders, concept.vectors), "concept", z0.shape)
+    concept_prompt = pack.prompts.encode_concept(encoders, concept.vectors)
+    concept_cond = pack.conditioning.model_cond(model, concept_prompt, "concept", z0.shape)
     concept_cond = {k: v.to(device) for k, v in concept_cond.items()}
-    injection = sample.injection_config(cond["c_crossattn"].cpu(), text.encode_concept(encoders, concept.vectors),
-                                        0.9, 0.2, 0.5, 0)
+    injection = pack.tokens.injection_config(cond["c_crossattn"].cpu(), concept_prompt, 0.9, 0.2, 0.5, 0)
     base = model
     if cfg.reference:
         base, store = attention_store(pack, model, limit=32 * 32)
-    patched = sample.patched_clone(base, vct.AttentionController(sigmas.cpu(), injection))
+    patched = pack.sd_unet.controlled_clone(base, vct.AttentionController(sigmas.cpu(), injection))
     comfy.model_management.load_models_gpu([patched])
     result = stage(results, "dual_branch", device, lambda c: vct.dual_branch_sample(
-        c(host.Denoiser(patched)), trajectory[-1], sigmas, cond, concept_cond, nulls))
+        c(pack.denoiser.Denoiser(patched)), trajectory[-1], sigmas, cond, concept_cond, nulls))
     stage(results, "plain_cfg", device, lambda c: vct.ddim_sample(
-        c(host.Denoiser(model)), trajectory[-1], sigmas, concept_cond, nulls, 7.5))
+        c(pack.denoiser.Denoiser(model)), trajectory[-1], sigmas, concept_cond, nulls, 7.5))
     out["reconstruction_mse"] = float(((result.ref - x0) ** 2).mean())
     out["b_to_bstar_mse"] = float(((result.main - result.ref) ** 2).mean())
     for param in unet.parameters():
@@ -238,23 +241,24 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
 
 def fixed_concept_loss(pack, models: Models, vectors, image, samples=16):
     """Return the concept loss of `vectors` on fixed timesteps and noises, through `models` (float32 for both)."""
-    vct, host, text = pack.vct_ops, pack.host, pack.text
+    vct = pack.vct_ops
     model = models.model
     device = model.load_device
     g = torch.Generator().manual_seed(1234)
-    sigmas = host.train_sigmas(model)
+    sigmas = pack.identity.train_sigmas(model)
     with torch.no_grad():
         mean, _ = posterior(models.vae, image.to(device))
-        z0 = pack.inputs.latent_in(model, {"samples": mean.cpu()}, "reference").to(device)
+        z0 = pack.conditioning.latent_in(model, {"samples": mean.cpu()}, "reference").to(device)
         picks = torch.randint(0, sigmas.numel(), (samples,), generator=g)
         noise = torch.randn(samples, *z0.shape[1:], generator=g).to(device)
-        encoders = text.text_encoders(models.clip, "benchmark")
-        cond = text.GradientEncoder(encoders, model, z0.shape, device)({k: v.to(device) for k, v in vectors.items()})
+        encoders = pack.clip_text.clip_encoders(models.clip, "benchmark")
+        to_model = pack.conditioning.differentiable_model_cond(model, "concept", z0.shape, device)
+        cond = pack.clip_text.GradientEncoder(encoders, to_model)({k: v.to(device) for k, v in vectors.items()})
         total = 0.0
         for i in range(samples):
             sigma = sigmas[picks[i : i + 1]].to(device)
-            total += float(vct.concept_loss(host.Denoiser(model), cond, z0, sigma, noise[i : i + 1],
-                                            host.prediction_type(model)))
+            total += float(vct.concept_loss(pack.denoiser.Denoiser(model), cond, z0, sigma, noise[i : i + 1],
+                                            pack.identity.prediction_type(model)))
     return total / samples
 
 

@@ -40,7 +40,7 @@ def attention_store(pack, model, limit):
             return vct.apply_probs(probs, v, heads)
         return patch
 
-    for key in pack.host.transformer_block_keys(clone):
+    for key in pack.sd_unet.transformer_block_keys(clone):
         for kind in ("attn1", "attn2"):
             clone.set_model_patch_replace(make((kind, *key)), kind, *key)
     return clone, store

@@ -102,7 +102,9 @@ class Runner:
     def __init__(self, nodes_module) -> None:
         self.nodes = nodes_module.NODE_CLASS_MAPPINGS
         package = self.nodes["VCTNullTextInvert"].__module__.rsplit(".", 1)[0]
-        self.host = importlib.import_module(package + ".host")
+        self.identity = importlib.import_module(package + ".model.identity")
+        self.denoiser = importlib.import_module(package + ".model.denoiser")
+        self.training = importlib.import_module(package + ".model.training")
 
     def run(self, node: str, *args):
         """Return (outputs, seconds, peak MB) of one node run."""
@@ -128,19 +130,19 @@ class Runner:
         import comfy.model_management as mm
         import torch
 
-        host = self.host
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g).to(model.load_device)
-        sigma = host.train_sigmas(model)[500].view(1).clone().to(model.load_device)
+        sigma = self.identity.train_sigmas(model)[500].view(1).clone().to(model.load_device)
         mm.unload_all_models()
-        with host.training_mode():
+        with self.training.training_mode():
             if guarded:
-                model, _ = host.load_for_training(model)
+                model, _ = self.training.load_for_training(model)
             else:
                 mm.load_models_gpu([model])
-            host.make_autograd_safe(model.model.diffusion_model, model.load_device)
+            self.training.make_autograd_safe(model.model.diffusion_model, model.load_device)
             leaf = cond.clone().to(model.load_device).requires_grad_(True)
-            host.Denoiser(model, gradients=True)(x, sigma, {"c_crossattn": leaf}).float().square().mean().backward()
+            out = self.denoiser.Denoiser(model, gradients=True)(x, sigma, {"c_crossattn": leaf})
+            out.float().square().mean().backward()
         return leaf.grad.float().cpu()
 
 

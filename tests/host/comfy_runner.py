@@ -126,12 +126,13 @@ class Pack:
     def __init__(self, loaded):
         self.node = {k: nodes.NODE_CLASS_MAPPINGS[k] for k in loaded.node_ids}
         self.vct_ops = loaded.module.vct_ops
-        self.host = loaded.module.nodes.host
-        self.control = loaded.module.nodes.control
-        self.inputs = loaded.module.nodes.inputs
-        self.recompute = loaded.module.nodes.recompute
-        self.text = loaded.module.nodes.text
-        self.sample, self.learn = loaded.module.nodes.sample, loaded.module.nodes.learn
+        nodes_package = loaded.module.nodes
+        self.arch, self.tokens, self.prompts = nodes_package.arch, nodes_package.tokens, nodes_package.prompts
+        self.storage = nodes_package.storage
+        self.clip_text, self.sd_unet = nodes_package.arch.clip_text, nodes_package.arch.sd_unet
+        model = nodes_package.model
+        self.identity, self.conditioning, self.controls = model.identity, model.conditioning, model.controls
+        self.denoiser, self.training, self.recompute = model.denoiser, model.training, model.recompute
 
     def run(self, node_id, *args, **kwargs):
         with torch.inference_mode():  # as ComfyUI's executor runs nodes

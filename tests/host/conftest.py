@@ -22,7 +22,7 @@ Fixtures (see the helper modules for details):
                              CheckpointLoaderSimple & co. return fresh tiny models and ControlNetLoader
                              a tiny ControlNet; .name, .add(name, seed=0, family="sd15"),
                              .add_controlnet(name), .calls
-    pack                     comfy_runner.Pack of vct_pack: its node classes and modules (host, text, ...)
+    pack                     comfy_runner.Pack of vct_pack: its node classes and modules (identity, training, ...)
     vct_pack                 comfy_runner.LoadedPack of this repository, loaded once per session as
                              custom_nodes/ComfyUI-VCT with nodes.load_custom_node (errors with
                              ComfyUI's log if the pack does not load)

@@ -88,7 +88,6 @@ def clip_cast_per_call(clip, kind: str):
 @pytest.mark.parametrize("kind", ["dynamic", "partial"])
 def test_a_cast_per_call_stand_in_breaks_raw_gradients_and_the_training_load_repairs_them(pack, comfy_session,
                                                                                           kind):
-    host = pack.host
     with torch.inference_mode():
         plain = comfy_tiny.tiny_sd15_model(seed=5)
         standin = cast_per_call(comfy_tiny.tiny_sd15_model(seed=5), kind)
@@ -101,15 +100,15 @@ def test_a_cast_per_call_stand_in_breaks_raw_gradients_and_the_training_load_rep
     torch.testing.assert_close(raw_out, plain_out, rtol=1e-5, atol=1e-5)  # forward passes agree ...
     assert not torch.allclose(raw_grad, plain_grad, rtol=1e-2, atol=1e-4)  # ... raw gradients do not
 
-    with host.training_mode():
-        safe, _ = host.load_for_training(standin)
+    with pack.training.training_mode():
+        safe, _ = pack.training.load_for_training(standin)
     assert safe is not standin and type(safe) is type(standin)
     safe_out, safe_grad, _ = pass_with_gradient(pack, safe, phi, x, sigma)
     torch.testing.assert_close(safe_out, plain_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(safe_grad, plain_grad, rtol=1e-4, atol=1e-6)
 
-    with host.training_mode():  # an ordinary, fully loaded model is trained as it is
-        assert host.load_for_training(plain)[0] is plain
+    with pack.training.training_mode():  # an ordinary, fully loaded model is trained as it is
+        assert pack.training.load_for_training(plain)[0] is plain
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "partial"])
@@ -138,20 +137,19 @@ def test_training_nodes_give_the_same_results_when_weights_are_cast_per_call(pac
 
 def test_memory_decisions_ask_the_patcher_for_free_memory(pack, comfy_session, monkeypatch):
     """0.38.x's ModelPatcher.get_free_memory counts what Dynamic VRAM frees on demand; it is asked first."""
-    host = pack.host
     with torch.inference_mode():
         model = cast_per_call(comfy_tiny.tiny_sd15_model(seed=5), "dynamic")
     x = torch.zeros(4, 4, 8, 8)
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 1 << 50)
     for free, fits in ((0, False), (1 << 50, True)):
         monkeypatch.setattr(type(model), "get_free_memory", lambda self, device, free=free: free, raising=False)
-        assert host.Denoiser(model).fits(x) is fits
-        assert host.training_fits(model, x.shape) is fits
+        assert pack.denoiser.Denoiser(model).fits(x) is fits
+        assert pack.training.training_fits(model, x.shape) is fits
 
 
 def test_training_turns_on_comfyuis_training_kernels_and_restores_the_flag(pack, monkeypatch):
     monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
-    with pack.host.training_mode():
+    with pack.training.training_mode():
         assert comfy.model_management.in_training is True
     assert comfy.model_management.in_training is False
 

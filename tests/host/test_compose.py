@@ -188,17 +188,18 @@ def test_controlnet_on_the_source_acts_on_the_reconstruction_through_inversion_a
 
 def test_a_branch_control_leaves_the_other_branch_rows_exactly_alone(pack, world):
     """Rows of the branch without a control come out bit-for-bit as with no control at all."""
-    host, ops = pack.host, pack.vct_ops
+    ops = pack.vct_ops
     model = world["model"]
     control = with_control(world["concept"], world["hint"])[0][1]["control"]
     g = torch.Generator().manual_seed(5)
     x, phi = torch.randn(4, 4, 8, 8, generator=g), world["concept"][0][0].repeat(4, 1, 1)
     sigma = torch.full((4,), 2.0)
     options = {ops.ROLES_KEY: ["uncond", "uncond", "ref", "main"], ops.BRANCHES_KEY: ["main", "ref", "ref", "main"]}
-    host.load(model)
-    with pack.control.controls_ready(model, [control]), torch.no_grad():
-        plain = host.Denoiser(model)(x, sigma, {"c_crossattn": phi}, dict(options))
-        on_ref = host.Denoiser(model, controls={ops.ROLE_REF: control})(x, sigma, {"c_crossattn": phi}, dict(options))
+    pack.denoiser.load(model)
+    with pack.controls.controls_ready(model, [control]), torch.no_grad():
+        plain = pack.denoiser.Denoiser(model)(x, sigma, {"c_crossattn": phi}, dict(options))
+        on_ref = pack.denoiser.Denoiser(model, controls={ops.ROLE_REF: control})(x, sigma, {"c_crossattn": phi},
+                                                                                  dict(options))
     assert torch.equal(on_ref[[0, 3]], plain[[0, 3]])
     assert float((on_ref[[1, 2]] - plain[[1, 2]]).abs().max()) > 1e-3
 

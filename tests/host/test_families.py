@@ -32,7 +32,7 @@ def family(request, pack, comfy_session):
 
 def test_null_text_reconstruction_far_better_than_plain(pack, family):
     model, z0 = family["model"], family["latent"]["samples"]
-    negative = pack.inputs.model_cond(model, family["negative"], "negative", z0.shape)
+    negative = pack.conditioning.model_cond(model, family["negative"], "negative", z0.shape)
     if family["name"] == "sdxl":
         assert set(negative) == {"c_crossattn", "y"}, "SDXL's unconditional branch includes the size conditioning"
         assert set(family["tuned"].null_embeddings) == {"c_crossattn", "y"}

@@ -30,18 +30,17 @@ def res_blocks(model):
 def pass_with_gradient(pack, model, phi, x, sigma):
     """Return (denoised, gradient to phi, forward calls of the first transformer block's attention and of the
     last residual block's input layers). Blocks before the first cross-attention need no backward."""
-    host = pack.host
     attn_calls, res_calls = [], []
-    with host.training_mode():
-        host.load(model)
-        host.make_autograd_safe(model.model.diffusion_model)
+    with pack.training.training_mode():
+        pack.denoiser.load(model)
+        pack.training.make_autograd_safe(model.model.diffusion_model)
         first, last_res = blocks(model)[0], res_blocks(model)[-1]
         hooks = [getattr(first, "block", first).attn1.register_forward_hook(lambda *a: attn_calls.append(1)),
                  getattr(last_res, "block", last_res).in_layers.register_forward_hook(
                      lambda *a: res_calls.append(1))]
         try:
             leaf = phi.clone().requires_grad_(True)
-            out = host.Denoiser(model, gradients=True)(x, sigma, {"c_crossattn": leaf})
+            out = pack.denoiser.Denoiser(model, gradients=True)(x, sigma, {"c_crossattn": leaf})
             out.square().mean().backward()
         finally:
             for hook in hooks:
@@ -50,7 +49,6 @@ def pass_with_gradient(pack, model, phi, x, sigma):
 
 
 def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pack, comfy_session):
-    host = pack.host
     with torch.inference_mode():
         model = comfy_tiny.tiny_sd15_model(seed=5)
         clip = comfy_tiny.tiny_sd1_clip(seed=6)
@@ -77,14 +75,13 @@ def test_checkpointed_clone_gives_the_same_output_and_gradient_and_recomputes(pa
     assert all(name.endswith(".forward") for name in patches)
     assert all(type(f.block).__name__ in ("BasicTransformerBlock", "ResBlock") for f in patches.values())
 
-    host.load(model)  # loading the unpatched model puts ComfyUI's own forwards back
+    pack.denoiser.load(model)  # loading the unpatched model puts ComfyUI's own forwards back
     assert not any(isinstance(m.__dict__.get("forward"), pack.recompute.RecomputedForward)
                    for m in model.model.diffusion_model.modules())
 
 
 def test_checkpointed_clone_keeps_weight_patches_when_loaded_first(pack, comfy_session):
     """A LoRA-like weight patch reaches the checkpointed clone even when it is the first to be loaded."""
-    host = pack.host
     with torch.inference_mode():
         model = comfy_tiny.tiny_sd15_model(seed=5)
     keys = [k for k in model.model.state_dict() if k.endswith(("attn1.to_q.weight", "in_layers.2.weight"))]
@@ -96,9 +93,9 @@ def test_checkpointed_clone_keeps_weight_patches_when_loaded_first(pack, comfy_s
     x, sigma, cond = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([2.0]), torch.randn(1, 77, 64, generator=g)
 
     def run(version):
-        host.load(version)
+        pack.denoiser.load(version)
         with torch.no_grad():
-            return host.Denoiser(version)(x, sigma, {"c_crossattn": cond})
+            return pack.denoiser.Denoiser(version)(x, sigma, {"c_crossattn": cond})
 
     checkpointed = run(pack.recompute.checkpointed_clone(patched))  # loaded first, onto the unpatched weights
     plain = run(patched)
@@ -127,7 +124,7 @@ def test_training_nodes_give_the_same_results_when_memory_is_short(pack, comfy_s
         decisions.append(tuple(shape))
         return False
 
-    monkeypatch.setattr(pack.host, "training_fits", short)
+    monkeypatch.setattr(pack.training, "training_fits", short)
     low_nulls, low_concept = run_all()
     assert decisions, "the nodes did not ask whether training fits"
     for key in plain_nulls:

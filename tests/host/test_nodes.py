@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import comfy_tiny
@@ -48,7 +47,7 @@ def test_node_inversion_equals_the_kernel_on_the_same_model(pack, setup):
 def test_null_text_reconstruction_far_better_than_plain_through_the_sampler(pack, setup):
     model, inversion, tuned, z0 = setup["model"], setup["inversion"], setup["tuned"], setup["latent"]["samples"]
     # Plain: CFG 7.5 with the untuned initial null embedding at every step.
-    negative = pack.inputs.model_cond(model, setup["negative"], "negative", z0.shape)
+    negative = pack.conditioning.model_cond(model, setup["negative"], "negative", z0.shape)
     plain = dataclasses.replace(inversion, null_embeddings={k: v[None].repeat(STEPS, *[1] * v.dim())
                                                            for k, v in negative.items()})
     plain_mse = float(((pack.run("VCTDualBranchSampler", model, plain, setup["source"], 7.5, 0.9, 0.2, 0.5)[1]
@@ -69,13 +68,12 @@ def test_concept_equal_to_source_gives_the_reconstruction(pack, setup):
 
 @pytest.mark.parametrize("equalizer, scaled", [("concept_tokens", [1, 2, 3]), ("reference_code", [0, 1, 2])])
 def test_equalizer_scales_the_chosen_token_positions(pack, setup, equalizer, scaled):
-    sample = pack.node["VCTDualBranchSampler"].__module__
-    config = sys.modules[sample].injection_config(setup["source"][0][0], [[setup["negative"][0][0], {}]], 0.9, 0.2,
+    config = pack.tokens.injection_config(setup["source"][0][0], [[setup["negative"][0][0], {}]], 0.9, 0.2,
                                                   0.5, 3, equalizer)
     assert [i for i, w in enumerate(config.weights.tolist()) if w != 1.0] == scaled
     assert all(config.weights[i] == 0.5 for i in scaled)
     with pytest.raises(ValueError, match="equalizer"):
-        sys.modules[sample].injection_config(setup["source"][0][0], [[setup["negative"][0][0], {}]], 0.9, 0.2, 0.5,
+        pack.tokens.injection_config(setup["source"][0][0], [[setup["negative"][0][0], {}]], 0.9, 0.2, 0.5,
                                              3, "start_token")
 
 
@@ -89,7 +87,6 @@ def snapshot(model):
 
 def recording_patches(model, pack, log, kind="attn1"):
     """Register, on `model` (a clone), a plain-attention replace patch per block that logs what it saw."""
-    host = pack.host
 
     def make(key):
         def patch(q, k, v, extra):
@@ -104,7 +101,7 @@ def recording_patches(model, pack, log, kind="attn1"):
             return pack.vct_ops.sdpa_attention(q, k, v, extra["n_heads"])
         return patch
 
-    for key in host.transformer_block_keys(model):
+    for key in pack.sd_unet.transformer_block_keys(model):
         model.set_model_patch_replace(make(key), kind, *key)
 
 
@@ -165,27 +162,27 @@ def test_an_existing_attn2_replace_patch_is_still_called(pack, setup):
 
 
 def test_gradients_reach_null_embeddings_and_concept_vectors_on_models_built_in_inference_mode(pack, setup):
-    host, text = pack.host, pack.text
     with torch.inference_mode():  # as CheckpointLoaderSimple builds them
         model = comfy_tiny.tiny_sd15_model(seed=3)
         clip = comfy_tiny.tiny_sd1_clip(seed=4)
     x = torch.randn(1, 4, 8, 8)
     sigma = torch.tensor([2.0])
-    with host.training_mode():
-        host.load(model)
-        host.make_autograd_safe(model.model.diffusion_model)
-        denoise = host.Denoiser(model, gradients=True)
+    with pack.training.training_mode():
+        pack.denoiser.load(model)
+        pack.training.make_autograd_safe(model.model.diffusion_model)
+        denoise = pack.denoiser.Denoiser(model, gradients=True)
         phi = setup["source"][0][0].clone().requires_grad_(True)
         denoise(x, sigma, {"c_crossattn": phi}).square().mean().backward()
         assert phi.grad is not None and float(phi.grad.abs().sum()) > 0
 
-        encoders = text.text_encoders(clip, "test")
-        vectors = {e.key: text.initializer_vectors(e, "dog", 3).requires_grad_(True) for e in encoders}
-        gradient_cond = text.GradientEncoder(encoders, model, x.shape, model.load_device)(vectors)
+        encoders = pack.clip_text.clip_encoders(clip, "test")
+        vectors = {e.key: pack.clip_text.initializer_vectors(e, "dog", 3).requires_grad_(True) for e in encoders}
+        to_model = pack.conditioning.differentiable_model_cond(model, "concept", x.shape, model.load_device)
+        gradient_cond = pack.clip_text.GradientEncoder(encoders, to_model)(vectors)
         denoise(x, sigma, gradient_cond).square().mean().backward()
         assert all(v.grad is not None and float(v.grad.abs().sum()) > 0 for v in vectors.values())
     with torch.inference_mode():
-        regular = text.encode_concept(encoders, {k: v.detach() for k, v in vectors.items()})[0][0]
+        regular = pack.prompts.encode_concept(encoders, {k: v.detach() for k, v in vectors.items()})[0][0]
     torch.testing.assert_close(gradient_cond["c_crossattn"].detach(), regular, rtol=1e-4, atol=1e-4)
 
 
@@ -304,7 +301,6 @@ def test_content_inversion_methods_costs_and_errors(pack, setup):
 def test_fingerprint_is_stable_across_loading_and_tells_patches_apart(pack, setup):
     import comfy.model_management
 
-    host = pack.host
     base = setup["model"]
     key = next(k for k in base.model_state_dict() if k.endswith("attn2.to_k.weight"))
     shape = base.model_state_dict()[key].shape
@@ -312,13 +308,13 @@ def test_fingerprint_is_stable_across_loading_and_tells_patches_apart(pack, setu
     patched.add_patches({key: (torch.full(shape, 0.5),)}, 1.0)
     other = base.clone()
     other.add_patches({key: (torch.full(shape, -0.5),)}, 1.0)
-    before = host.model_fingerprint(patched)
+    before = pack.identity.model_fingerprint(patched)
     comfy.model_management.load_models_gpu([patched])
-    loaded = host.model_fingerprint(patched)
+    loaded = pack.identity.model_fingerprint(patched)
     comfy.model_management.unload_all_models()
-    after = host.model_fingerprint(patched)
+    after = pack.identity.model_fingerprint(patched)
     assert before == loaded == after
-    assert len({before, host.model_fingerprint(base), host.model_fingerprint(other)}) == 3
+    assert len({before, pack.identity.model_fingerprint(base), pack.identity.model_fingerprint(other)}) == 3
 
 
 def test_nodes_run_on_models_patched_by_core_nodes(pack, setup):

@@ -3,7 +3,6 @@ concept prompts wherever they are recorded, and says so where they cannot be kno
 from __future__ import annotations
 
 import logging
-import sys
 
 import comfy_tiny
 import pytest
@@ -26,10 +25,6 @@ def world(pack, comfy_session):
     return dict(model=model, clip=clip, latent=latent, empty=empty, tuned=tuned, concept=concept)
 
 
-def sample_module(pack):
-    return sys.modules[pack.node["VCTDualBranchSampler"].__module__]
-
-
 def word_count(clip, text: str) -> int:
     return sum(1 for t, *_ in clip.tokenize(text)["l"][0] if t not in (49406, 49407))
 
@@ -37,7 +32,7 @@ def word_count(clip, text: str) -> int:
 def config_for(pack, world, concept, source=None, **kwargs):
     """Return the sampler's injection config for `concept` against the empty source (or `source` inversion)."""
     inversion = source if source is not None else world["tuned"]
-    return sample_module(pack).injection_config(
+    return pack.tokens.injection_config(
         inversion.source_cond["c_crossattn"], concept, 0.9, 0.2, 0.5, kwargs.pop("concept_tokens", 0),
         kwargs.pop("equalizer", "concept_tokens"), inversion.source_layout)
 
@@ -52,7 +47,7 @@ def test_concept_prompt_equals_the_saved_embedding_in_the_same_text(pack, world)
     with torch.inference_mode():
         plain = encode(world["clip"], "a photo of embedding:vct_prompt_dog, oil painting")
     torch.testing.assert_close(cond[0][0], plain[0][0], rtol=0, atol=0)
-    layout = cond[0][1][pack.text.LAYOUT_KEY]
+    layout = cond[0][1][pack.tokens.LAYOUT_KEY]
     head = word_count(world["clip"], "a photo of")
     assert [j for j, t in enumerate(layout) if -1000 < t < 0] == [1 + head, 2 + head, 3 + head]
     assert len(layout) == 2 + head + 3 + word_count(world["clip"], ", oil painting")
@@ -80,7 +75,7 @@ def test_a_non_empty_source_prompt_is_aligned_word_by_word(pack, world, tmp_path
     with torch.inference_mode():
         torch.testing.assert_close(source[0][0], encode(clip, "a photo of a cat")[0][0], rtol=0, atol=0)
     inversion = pack.run("VCTDDIMInvert", model, world["latent"], source, STEPS)[0]
-    assert inversion.source_layout == source[0][1][pack.text.LAYOUT_KEY]
+    assert inversion.source_layout == source[0][1][pack.tokens.LAYOUT_KEY]
     concept = pack.run("VCTConceptPrompt", clip, "a photo of {concept}", world["concept"])[0]
     config = config_for(pack, world, concept, source=inversion)
     # source [start, a, photo, of, a, cat, end] -> concept [start, a, photo, of, c1, c2, c3, end]
@@ -90,7 +85,7 @@ def test_a_non_empty_source_prompt_is_aligned_word_by_word(pack, world, tmp_path
     # The layout survives Save / Load Inversion.
     saved = pack.run("VCTSaveInversion", inversion, "vct_prompt_layout")
     del saved
-    storage = sys.modules[pack.node["VCTSaveInversion"].__module__.rsplit(".", 1)[0] + ".storage"]
+    storage = pack.storage
     name = [n for n in storage.list_inversions() if n.startswith("vct_prompt_layout")][-1]
     assert storage.load_inversion(name).source_layout == inversion.source_layout
 
@@ -98,7 +93,7 @@ def test_a_non_empty_source_prompt_is_aligned_word_by_word(pack, world, tmp_path
 def test_an_unknown_non_empty_source_prompt_is_named_in_a_warning(pack, world, caplog):
     other = pack.run("VCTDDIMInvert", world["model"], world["latent"], encode(world["clip"], "a photo of a cat"),
                      STEPS)[0]
-    concept = pack.text.encode_concept(pack.text.text_encoders(world["clip"], "t"),
+    concept = pack.prompts.encode_concept(pack.clip_text.clip_encoders(world["clip"], "t"),
                                        {"l": world["concept"].vectors["clip_l"]})
     with caplog.at_level(logging.WARNING, logger="ComfyUI-VCT"):
         config_for(pack, world, concept, source=other)

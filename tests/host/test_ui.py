@@ -114,14 +114,14 @@ def test_a_fresh_concept_node_keeps_its_seed_and_has_a_usable_initializer(pack, 
     word = info["initializer"][1]["default"]
     assert word.strip()
     clip = comfy_tiny.tiny_sd1_clip()
-    encoder = pack.text.text_encoders(clip, "test")[0]
-    assert pack.text.initializer_vectors(encoder, word, 3).shape[0] == 3
+    encoder = pack.clip_text.clip_encoders(clip, "test")[0]
+    assert pack.clip_text.initializer_vectors(encoder, word, 3).shape[0] == 3
 
 
 def test_loss_plot_axes(pack):
     import importlib
 
-    plots = importlib.import_module(pack.host.__name__.rsplit(".", 1)[0] + ".plots")
+    plots = importlib.import_module(pack.tokens.__name__.rsplit(".", 1)[0] + ".plots")
     for count in (1, 2, 7, 50, 500, 1000, 2500):
         ticks = plots.step_ticks(count)
         assert ticks[0] == 1 and ticks == sorted(set(ticks)) and ticks[-1] <= count and len(ticks) <= 7

@@ -137,18 +137,18 @@ class Runner:
 
 
 @contextlib.contextmanager
-def sequential_accumulation(host_module):
+def sequential_accumulation(training_module):
     """Within the block, Concept Learn runs its accumulated samples one model pass each, as when memory is short.
 
-    `host_module` is the loaded pack's `nodes.host`; its memory check is answered "no" for fused
-    batches (and left alone for one-row passes, so nothing is recomputed in backward).
+    `training_module` is the loaded pack's `nodes.model.training`; its memory check is answered "no"
+    for fused batches (and left alone for one-row passes, so nothing is recomputed in backward).
     """
-    original = host_module.training_fits
-    host_module.training_fits = lambda model, shape: shape[0] == 1 and original(model, shape)
+    original = training_module.training_fits
+    training_module.training_fits = lambda model, shape: shape[0] == 1 and original(model, shape)
     try:
         yield
     finally:
-        host_module.training_fits = original
+        training_module.training_fits = original
 
 
 @contextlib.contextmanager

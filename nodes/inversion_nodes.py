@@ -1,44 +1,20 @@
-"""VCT DDIM Invert and VCT Content Null-Text Invert."""
+"""VCT DDIM Invert and VCT Content Null-Text Invert: the source's inversion and its null embeddings."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import comfy.model_management
-import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import host, inputs, text
-from .control import ALL_ROWS, controls_ready, make_controls_autograd_safe
-from .payloads import Inversion, InversionData, stack_steps
+from . import arch, progress, tokens
+from .model import denoiser, identity, training
+from .model.conditioning import BranchConditioning, latent_in, latent_out, model_cond
+from .model.controls import ALL_ROWS, controls_ready
+from .payloads import ContentMethod, Inversion, InversionData, stack_steps
 from .plots import loss_curve
 
 MAX_STEPS = 1000
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """Switch off gradients for a module's parameters for the duration, restoring the flags by name after."""
-    flags = {name: p.requires_grad for name, p in module.named_parameters()}
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for name, p in module.named_parameters():
-            if flags.get(name) and not p.is_inference():
-                p.requires_grad_(True)
-
-
-def check_matches_model(inversion: InversionData, model, node: str) -> None:
-    """Raise ValueError when the inversion was made with another model (or other weight patches)."""
-    if not isinstance(inversion, InversionData):
-        raise ValueError(f"{node}: 'inversion' must come from VCT DDIM Invert or VCT Load Inversion")
-    if inversion.model_fingerprint != host.model_fingerprint(model):
-        raise ValueError(
-            f"{node}: the {inversion.describe()} was made with another model (or the same model with other "
-            "LoRAs/patches). Connect the model that made it, or run VCT DDIM Invert again with this one."
-        )
 
 
 class VCTDDIMInvert(io.ComfyNode):
@@ -76,34 +52,32 @@ class VCTDDIMInvert(io.ComfyNode):
     def execute(cls, model, latent, conditioning, steps) -> io.NodeOutput:
         """Invert the source latent and return the inversion and its noise."""
         node = "VCT DDIM Invert"
-        family = host.check_family(model, node)
+        family = identity.check_family(model, node)
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
-        z0 = inputs.latent_in(model, latent, "latent")
-        cond = inputs.model_cond(model, conditioning, "conditioning", z0.shape, allow=("control",))
+        z0 = latent_in(model, latent, "latent")
+        source = BranchConditioning.read(model, conditioning, "conditioning", z0.shape)
+        sigmas = vct_ops.ddim_sigmas(identity.train_sigmas(model), steps)
+        device = model.load_device
         # A ControlNet on the source prompt stays with the inversion: null-text inversion and B* in
         # the sampler run with it, so B* still rebuilds the source.
-        control = conditioning[0][1].get("control")
-        sigmas = vct_ops.ddim_sigmas(host.train_sigmas(model), steps)
-        device = model.load_device
-        progress = host.Progress(steps)
-        with controls_ready(model, [control]) as control_models:
-            host.load(model, control_models)
+        with controls_ready(model, [source.control]) as control_models:
+            denoiser.load(model, control_models)
             trajectory = vct_ops.ddim_invert(
-                host.Denoiser(model, sample_sigmas=sigmas.to(device), controls={ALL_ROWS: control}),
+                denoiser.Denoiser(model, sample_sigmas=sigmas.to(device), controls={ALL_ROWS: source.control}),
                 vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
-                cond, callback=host.step_callback(progress),
+                source.model_cond, callback=progress.step_callback(progress.Progress(steps)),
             )
         data = InversionData(
             trajectory=trajectory.to(comfy.model_management.intermediate_device()),
             sigmas=sigmas,
-            source_cond=cond,
+            source_cond=source.model_cond,
             source_latent=latent["samples"].detach().float().cpu(),
-            model_fingerprint=host.model_fingerprint(model),
+            model_fingerprint=identity.model_fingerprint(model),
             family=family,
-            source_layout=conditioning[0][1].get(text.LAYOUT_KEY),
-            source_control=control,
+            source_layout=source.layout,
+            source_control=source.control,
         )
-        return io.NodeOutput(data, inputs.latent_out(model, trajectory[-1]))
+        return io.NodeOutput(data, latent_out(model, trajectory[-1]))
 
 
 class VCTNullTextInvert(io.ComfyNode):
@@ -128,7 +102,8 @@ class VCTNullTextInvert(io.ComfyNode):
                              tooltip="Most optimisation iterations per DDIM step (50 in the reference code)."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
                                tooltip="A step stops once its loss is below early_stop + step_index * 2e-5."),
-                io.Combo.Input("method", options=list(vct_ops.CONTENT_METHODS), default="null_text",
+                io.Combo.Input("method", options=[m.value for m in ContentMethod],
+                               default=ContentMethod.NULL_TEXT.value,
                                tooltip="null_text: the paper's per-step optimisation (slow, exact at cfg). "
                                "negative_prompt: the source prompt as the null embedding (no optimisation). "
                                "direct: the sampler puts B* back on the inversion path every step (no "
@@ -146,55 +121,51 @@ class VCTNullTextInvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, cfg, inner_steps, early_stop, method="null_text", negative=None
-                ) -> io.NodeOutput:
+    def execute(cls, model, inversion, cfg, inner_steps, early_stop, method=ContentMethod.NULL_TEXT.value,
+                negative=None) -> io.NodeOutput:
         """Compute the null embeddings with the chosen method; return the extended inversion and a loss plot."""
         node = "VCT Content Null-Text Invert"
-        host.check_family(model, node)
-        check_matches_model(inversion, model, node)
+        arch.for_model(model, node)
+        identity.check_matches_model(inversion, model, node)
         vct_ops.validate.check_steps("inner_steps", inner_steps, low=1, high=1000)
+        method = _content_method(method)
         init = inversion.source_cond
         if negative is not None:
-            init = inputs.model_cond(model, negative, "negative", inversion.source_latent.shape, "negative")
-            tokens, source_tokens = init["c_crossattn"].shape[1], inversion.source_cond["c_crossattn"].shape[1]
-            if tokens != source_tokens:
-                raise ValueError(
-                    f"negative has {tokens} tokens but the source prompt has {source_tokens}; "
-                    "use prompts of the same length"
-                )
-        if method not in vct_ops.CONTENT_METHODS:
-            raise ValueError(f"method must be one of {', '.join(vct_ops.CONTENT_METHODS)}, got {method!r}")
-        if method != "null_text":
+            init = model_cond(model, negative, "negative", inversion.source_latent.shape, "negative")
+            tokens.check_same_length(init["c_crossattn"].shape[1], inversion.source_cond["c_crossattn"].shape[1],
+                                     "negative", "the source prompt", "use prompts of the same length")
+        if not method.traits.optimises:
             # No optimisation: negative_prompt uses the source prompt itself as the null embedding;
             # direct keeps the ordinary negative and corrects B* in the sampler instead.
-            start = inversion.source_cond if method == "negative_prompt" else init
+            start = inversion.source_cond if method.traits.nulls_from_source else init
             result = vct_ops.fixed_null_embeddings(start, inversion.steps)
             tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings), null_losses=[],
                                         method=method, cfg=cfg)
-            return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
+            return io.NodeOutput(tuned, loss_curve([], f"{method.value}: no optimisation"))
         device = model.load_device
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
-        model = host.training_model(model, (1, *inversion.trajectory.shape[2:]))
-        control = inversion.source_control
-        with host.training_mode(), controls_ready(model, [control]) as control_models:
-            model, _ = host.load_for_training(model, extra=tuple(control_models))
-            unet = model.model.diffusion_model
-            host.make_autograd_safe(unet, model.load_device)
-            make_controls_autograd_safe(control, model.load_device)  # nothing without a control
-            with frozen(unet):
-                result = vct_ops.null_text_invert(
-                    host.Denoiser(model, gradients=True, sample_sigmas=inversion.sigmas.clone().to(device),
-                                  controls={ALL_ROWS: control}),
-                    inversion.trajectory.clone().to(device),
-                    inversion.sigmas.clone().to(device),
-                    {key: value.clone().to(device) for key, value in inversion.source_cond.items()},
-                    {key: value.clone().to(device) for key, value in init.items()},
-                    guidance=cfg,
-                    inner_steps=inner_steps,
-                    early_stop=early_stop,
-                    progress=host.Progress(inversion.steps * inner_steps),
-                )
+        sample_shape = (1, *inversion.trajectory.shape[2:])
+        with training.training_session(model, sample_shape, control=inversion.source_control) as session:
+            result = vct_ops.null_text_invert(
+                session.denoiser(sample_sigmas=inversion.sigmas.clone().to(device)),
+                inversion.trajectory.clone().to(device),
+                inversion.sigmas.clone().to(device),
+                {key: value.clone().to(device) for key, value in inversion.source_cond.items()},
+                {key: value.clone().to(device) for key, value in init.items()},
+                guidance=cfg,
+                inner_steps=inner_steps,
+                early_stop=early_stop,
+                progress=progress.Progress(inversion.steps * inner_steps),
+            )
         tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings),
-                                    null_losses=result.losses, method="null_text", cfg=cfg)
-        plot = loss_curve(result.losses, "null-text loss per step")
-        return io.NodeOutput(tuned, plot)
+                                    null_losses=result.losses, method=method, cfg=cfg)
+        return io.NodeOutput(tuned, loss_curve(result.losses, "null-text loss per step"))
+
+
+def _content_method(value) -> ContentMethod:
+    """Return the method named by the node's input, or raise naming the valid ones."""
+    try:
+        return ContentMethod(value)
+    except ValueError:
+        names = ", ".join(m.value for m in ContentMethod)
+        raise ValueError(f"method must be one of {names}, got {value!r}") from None

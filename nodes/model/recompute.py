@@ -1,12 +1,14 @@
-"""Recomputing the UNet's blocks in backward instead of keeping their activations (low-memory training)."""
+"""Recomputing a network's blocks in backward instead of keeping their activations (low-memory training).
+
+Which blocks are recomputed is the architecture's choice (`Architecture.recompute_types`)."""
 from __future__ import annotations
 
 from typing import Iterator
 
-import comfy.ldm.modules.attention as comfy_attention
-import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
 import torch
 import torch.utils.checkpoint
+
+from .. import arch
 
 
 class RecomputedForward:
@@ -34,19 +36,20 @@ class RecomputedForward:
         return torch.utils.checkpoint.checkpoint(forward, self.block, *args, use_reentrant=False, **kwargs)
 
 
-def _checkpoint_patches(module: torch.nn.Module, prefix: str) -> Iterator[tuple]:
-    """Yield (attribute path, recomputing forward) for every transformer and residual block under `module`."""
+def checkpoint_patches(module: torch.nn.Module, prefix: str, types: tuple[type, ...]) -> Iterator[tuple]:
+    """Yield (attribute path, recomputing forward) for every block of one of `types` under `module`."""
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
-        if isinstance(child, (comfy_unet.ResBlock, comfy_attention.BasicTransformerBlock)):
+        if isinstance(child, types):
             yield f"{name}.forward", RecomputedForward(child)
         else:
-            yield from _checkpoint_patches(child, f"{name}.")
+            yield from checkpoint_patches(child, f"{name}.", types)
 
 
 def checkpointed_clone(model):
-    """Return a clone of `model` whose transformer and residual blocks recompute their activations in backward."""
+    """Return a clone of `model` whose blocks (the architecture's choice) recompute their activations in backward."""
     clone = model.clone()
-    for name, forward in _checkpoint_patches(model.model.diffusion_model, "diffusion_model."):
+    types = arch.for_model(model).recompute_types()
+    for name, forward in checkpoint_patches(model.model.diffusion_model, "diffusion_model.", types):
         clone.add_object_patch(name, forward)
     return clone

@@ -1,14 +1,18 @@
 """What the nodes take in, as the model needs it: CONDITIONING through the model's own extra_conds, LATENTs in
-its working scale, and the conditioning options VCT refuses by name."""
+its working scale, the conditioning options VCT refuses by name, and a branch's prompt read once
+(`BranchConditioning`)."""
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
 import torch
 
-from ..vct_ops.validate import check_latent
-from .host import family_name
+from ...vct_ops.validate import check_latent
+from .. import arch, tokens
 
 # Conditioning options VCT refuses (never ignores), with the node that sets each, so the error says
 # what to remove. A ControlNet is applied where a node allows it (the sampler's concept).
@@ -62,10 +66,10 @@ def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = 
     params.setdefault("prompt_type", prompt_type)
     if model.model.adm_channels and params.get("pooled_output") is None:
         raise ValueError(
-            f"{name} has no pooled output, which this {family_name(model)} model needs; use CLIPTextEncode"
+            f"{name} has no pooled output, which this {arch.family_name(model)} model needs; use CLIPTextEncode"
         )
     out = model.model.extra_conds(**params)
-    unsupported = sorted(set(out) - {"c_crossattn", "y"})
+    unsupported = sorted(set(out) - set(arch.for_model(model).condition_keys))
     if unsupported:
         raise ValueError(f"{name}: VCT does not support conditioning with {', '.join(unsupported)} (e.g. inpainting)")
     if not detach:  # gradients flow through (concept learning)
@@ -73,9 +77,19 @@ def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = 
     return {key: value.cond.detach().float().cpu() for key, value in out.items()}
 
 
+def differentiable_model_cond(model, name: str, latent_shape, device) -> Callable[[list], dict]:
+    """Return a function from a CONDITIONING to what the model takes on `device`, keeping gradients."""
+
+    def convert(conditioning: list) -> dict:
+        conds = model_cond(model, conditioning, name, latent_shape, detach=False)
+        return {key: value.to(device) for key, value in conds.items()}
+
+    return convert
+
+
 def context_width(model) -> Optional[int]:
-    """Return the cross-attention width the model expects, when its config says."""
-    return model.model.model_config.unet_config.get("context_dim")
+    """Return the text-conditioning width the model expects, when its config says."""
+    return arch.for_model(model).context_width(model)
 
 
 def check_conditioning_width(model, tensor: torch.Tensor, name: str) -> None:
@@ -106,3 +120,31 @@ def latent_in(model, latent: dict, name: str) -> torch.Tensor:
 def latent_out(model, z: torch.Tensor) -> dict:
     """Return a LATENT dict from a latent in the model's working scale."""
     return {"samples": model.model.process_latent_out(z.float()).to(comfy.model_management.intermediate_device())}
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchConditioning:
+    """One branch's prompt, read once: the model's tensors, the recorded token layout, its ControlNet, the raw input."""
+
+    conditioning: list  # the CONDITIONING as connected
+    model_cond: dict  # what the model takes (CPU, float32)
+    layout: Optional[list]  # token ids from start to end token, when a VCT prompt node recorded them
+    control: Optional[object]  # a ControlNet / T2I-Adapter applied to this prompt
+
+    @classmethod
+    def read(cls, model, conditioning, name: str, latent_shape) -> "BranchConditioning":
+        """Return the branch's prompt, with a ControlNet allowed on it; raise on anything VCT cannot apply."""
+        cond = model_cond(model, conditioning, name, latent_shape, allow=("control",))
+        options = conditioning[0][1]
+        return cls(conditioning, cond, options.get(tokens.LAYOUT_KEY), options.get("control"))
+
+    @property
+    def tokens(self) -> int:
+        """Return the number of token positions of the text conditioning."""
+        return self.model_cond["c_crossattn"].shape[1]
+
+    def sampler_conds(self, model, latent_shape, device, prompt_type: str = "positive") -> list:
+        """Return the prompt in ComfyUI's sampler format (what CFG hooks get as `cond`), built by the model."""
+        return comfy.samplers.encode_model_conds(model.model.extra_conds,
+                                                 comfy.sampler_helpers.convert_cond(self.conditioning),
+                                                 torch.zeros(latent_shape), device, prompt_type)

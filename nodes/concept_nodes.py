@@ -1,33 +1,21 @@
-"""VCT Concept Embedding Learn: multi-vector textual inversion of the reference image."""
+"""VCT Concept Embedding Learn and VCT Concept Prompt: the reference's concept as token vectors, and prompts
+with it."""
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 from comfy_api.latest import io
 
 from .. import vct_ops
-from . import compat, host, inputs, storage, text
-from .invert import frozen
+from . import arch, progress, prompts, storage
+from .model import identity, training
+from .model.conditioning import context_width, differentiable_model_cond, latent_in
 from .payloads import Concept, ConceptData
 from .plots import loss_curve
 
 log = logging.getLogger("ComfyUI-VCT")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-
-
-def latent_sampler(latents: torch.Tensor):
-    """Return a kernel latent sampler that picks one reference image and mirrors it with probability 0.5."""
-
-    def sample(generator: torch.Generator) -> torch.Tensor:
-        index = int(torch.randint(0, latents.shape[0], (1,), generator=generator))
-        latent = latents[index : index + 1]
-        # The reference flips the image before encoding; a LATENT input has no image, so the latent
-        # is mirrored instead (the VAE is close to flip-equivariant).
-        return latent.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else latent
-
-    return sample
 
 
 class VCTConceptLearn(io.ComfyNode):
@@ -87,9 +75,9 @@ class VCTConceptLearn(io.ComfyNode):
                 seed, embedding_name, overwrite) -> io.NodeOutput:
         """Learn the concept vectors and return the concept conditioning, the vectors and a loss plot."""
         node = "VCT Concept Embedding Learn"
-        host.check_family(model, node)
-        encoders = text.text_encoders(clip, node)
-        width = inputs.context_width(model)
+        architecture = arch.for_model(model, node)
+        encoders = architecture.text_encoders(clip, node)
+        width = context_width(model)
         if width is not None and sum(e.width for e in encoders) != width:
             raise ValueError(
                 f"{node}: the CLIP encodes {sum(e.width for e in encoders)}-wide conditioning but the model takes "
@@ -103,41 +91,83 @@ class VCTConceptLearn(io.ComfyNode):
             )
         if embedding_name.strip():
             storage.check_name(embedding_name, "embedding_name")
-        init = {e.key: text.initializer_vectors(e, initializer, num_vectors) for e in encoders}
-        references = inputs.latent_in(model, latent, "latent")
+        init = {e.key: architecture.initializer_vectors(e, initializer, num_vectors) for e in encoders}
+        references = latent_in(model, latent, "latent")
         device = model.load_device
         # One pass over all accumulated samples when memory allows (same gradient, faster); when
         # not even one sample fits, activations are recomputed in backward instead of kept.
-        fuse = host.training_fits(model, (grad_accum, *references.shape[1:]))
-        model = host.training_model(model, (1, *references.shape[1:]))
-        with host.training_mode():
-            model, clip = host.load_for_training(model, clip)
+        fuse = training.training_fits(model, (grad_accum, *references.shape[1:]))
+        text_modules = tuple(e.module for e in encoders)
+        with training.training_session(model, (1, *references.shape[1:]), clip, text_modules) as session:
             config = vct_ops.ConceptConfig(
                 steps=steps, learning_rate=learning_rate, grad_accum=grad_accum, l1_weight=l1_weight, seed=seed,
-                prediction=host.prediction_type(model), fuse_accumulation=fuse,
+                prediction=identity.prediction_type(session.model), fuse_accumulation=fuse,
             )
-            modules = [model.model.diffusion_model] + [e.module for e in encoders]
-            host.make_autograd_safe(model.model.diffusion_model, device)
-            for e in encoders:
-                host.make_autograd_safe(e.module, compat.text_device(clip))
-            with contextlib.ExitStack() as stack:
-                for module in modules:
-                    stack.enter_context(frozen(module))
-                result = vct_ops.learn_concept(
-                    host.Denoiser(model, gradients=True),
-                    text.GradientEncoder(encoders, model, references.shape, device),
-                    # Clones: tensors made under inference mode upstream cannot be saved for backward.
-                    {key: value.clone().to(device) for key, value in init.items()},
-                    latent_sampler(references.clone().to(device)),
-                    host.train_sigmas(model).clone().to(device),
-                    config,
-                    progress=host.Progress(steps),
-                )
+            to_model = differentiable_model_cond(session.model, "concept", references.shape, device)
+            result = vct_ops.learn_concept(
+                session.denoiser(),
+                architecture.gradient_encoder(encoders, to_model),
+                # Clones: tensors made under inference mode upstream cannot be saved for backward.
+                {key: value.clone().to(device) for key, value in init.items()},
+                vct_ops.reference_latent_sampler(references.clone().to(device)),
+                identity.train_sigmas(session.model).clone().to(device),
+                config,
+                progress=progress.Progress(steps),
+            )
         vectors = {key: value.detach().float().cpu() for key, value in result.vectors.items()}
         files = {e.embedding_key: vectors[e.key] for e in encoders}
         if embedding_name.strip():
             path = storage.save_embedding(embedding_name, files, overwrite)
             log.info("saved concept embedding to %s", path)
-        conditioning = text.encode_concept(encoders, vectors)
+        conditioning = prompts.encode_concept(encoders, vectors)
         plot = loss_curve(result.losses, "concept loss per step")
         return io.NodeOutput(conditioning, ConceptData(files, initializer, result.losses), plot)
+
+
+class VCTConceptPrompt(io.ComfyNode):
+    """Encodes text with the learned concept vectors at {concept}, recording where every token is."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTConceptPrompt",
+            display_name="VCT Concept Prompt",
+            category="VCT",
+            description="Encodes a prompt such as 'a photo of {concept}, oil painting' with the learned concept "
+            "vectors in place of {concept}. The conditioning records its token layout, so the Dual-Branch "
+            "Sampler aligns its attention maps with the source prompt's. Without a concept it encodes plain "
+            "text the same way: use it for a non-empty source prompt before VCT DDIM Invert.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint the concept was learned with."),
+                io.String.Input("text", default=f"a photo of {prompts.PLACEHOLDER}", multiline=True,
+                                tooltip=f"The prompt; {prompts.PLACEHOLDER} marks where the concept goes (once). "
+                                "ComfyUI's (word:1.2) weights and embedding:NAME work as in CLIPTextEncode."),
+                Concept.Input("concept", optional=True,
+                              tooltip="From VCT Concept Embedding Learn. Leave it unconnected to encode plain text "
+                              f"(with no {prompts.PLACEHOLDER})."),
+            ],
+            outputs=[io.Conditioning.Output("conditioning", display_name="conditioning",
+                                            tooltip="The prompt, for VCT Dual-Branch Sampler (concept) or VCT DDIM "
+                                            "Invert (source).")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text: str, concept: ConceptData | None = None) -> io.NodeOutput:
+        """Encode the prompt and record its token layout."""
+        node = "VCT Concept Prompt"
+        encoders = arch.text_encoders_of(clip, node)
+        vectors = None
+        if concept is not None:
+            if not isinstance(concept, ConceptData):
+                raise ValueError(f"{node}: 'concept' must come from VCT Concept Embedding Learn")
+            vectors = {}
+            for e in encoders:
+                found = concept.vectors.get(e.embedding_key)
+                if found is None or found.shape[-1] != e.width:
+                    raise ValueError(
+                        f"{node}: the concept was learned for another text encoder (it has "
+                        f"{', '.join(sorted(concept.vectors))}); connect the CLIP of the checkpoint it was learned with"
+                    )
+                vectors[e.key] = found.to(torch.float32)
+        return io.NodeOutput(prompts.encode_prompt(encoders, text, vectors))

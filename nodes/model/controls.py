@@ -1,12 +1,10 @@
-"""ComfyUI ControlNets and T2I-Adapters inside VCT's own model calls: per-branch residuals, preparation, training."""
+"""ComfyUI ControlNets and T2I-Adapters inside VCT's own model calls: preparation and per-branch residuals."""
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator, Optional
 
 import torch
-
-from . import host
 
 # A `Denoiser.controls` key: the control acts on every row of every call (single-branch kernels:
 # DDIM inversion and null-text inversion of a source prompt that carries a ControlNet).
@@ -38,19 +36,6 @@ def controls_ready(model, controls) -> Iterator[list]:
     finally:
         for control in prepared:
             control.cleanup()
-
-
-def make_controls_autograd_safe(control, device: Optional[torch.device] = None) -> None:
-    """Replace inference-mode weights of a control chain's networks (gradients flow through their context input).
-
-    With `device`, only tensors held there, as for the UNet: offloaded ones are cast per call into
-    private copies by the training load.
-    """
-    for part in control_chain(control):
-        network = getattr(part, "control_model", None)
-        if isinstance(network, torch.nn.Module):
-            host.make_autograd_safe(network, device)
-            network.requires_grad_(False)
 
 
 class OutOfPlaceResidual(torch.Tensor):

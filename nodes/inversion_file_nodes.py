@@ -1,4 +1,4 @@
-"""VCT Save Inversion and VCT Load Inversion: keep the expensive inversion across restarts."""
+"""VCT Save Inversion and VCT Load Inversion: keep the expensive inversion across restarts (files: storage.py)."""
 from __future__ import annotations
 
 import logging
@@ -6,8 +6,8 @@ import os
 
 from comfy_api.latest import io
 
-from . import host, storage
-from .invert import check_matches_model
+from . import progress, storage
+from .model import identity
 from .payloads import Inversion
 
 log = logging.getLogger("ComfyUI-VCT")
@@ -42,7 +42,7 @@ class VCTSaveInversion(io.ComfyNode):
         name = os.path.basename(path)
         log.info("VCT Save Inversion: saved %s", path)
         node_id = getattr(cls.hidden, "unique_id", None)
-        server = host.prompt_server()
+        server = progress.prompt_server()
         if server is not None and node_id is not None:
             # Progress text is what ComfyUI's frontend itself shows on a node.
             server.send_progress_text(f"saved {storage.INVERSION_FOLDER}/{name}", node_id)
@@ -78,9 +78,9 @@ class VCTLoadInversion(io.ComfyNode):
     def execute(cls, model, latent, inversion_file) -> io.NodeOutput:
         """Load the file and check it belongs to this model and image."""
         node = "VCT Load Inversion"
-        host.check_family(model, node)
+        identity.check_family(model, node)
         data = storage.load_inversion(inversion_file)
-        check_matches_model(data, model, node)
+        identity.check_matches_model(data, model, node)
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if samples is None:
             raise ValueError("latent must be a LATENT (connect a VAEEncode of the source image)")

@@ -1,0 +1,60 @@
+"""The architecture seam: everything VCT needs that depends on the network's architecture.
+
+The nodes never look inside a network. They ask the model's `Architecture` (see `arch/__init__.py`)
+for what differs between architectures:
+- which attention calls exist and how VCT's dual-branch control is put on them (self-attention
+  injection and cross-attention refine for a UNet's SpatialTransformers; a joint-attention
+  transformer would map them onto its image-to-image and image-to-text blocks);
+- which blocks may recompute their activations in backward (low-memory training);
+- which text encoders the family has, how a concept's vectors become conditioning with gradients,
+  and which conditioning keys its model takes.
+Adding a family means adding one implementation of this class and listing it in `arch/__init__.py`.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Callable, Optional
+
+import torch
+
+from ...vct_ops import InjectionConfig
+
+
+class Architecture(abc.ABC):
+    """One network architecture, for the model families (ComfyUI model-config classes) it serves."""
+
+    #: Family name -> ComfyUI model-config class, matched exactly (subclasses condition differently).
+    families: dict[str, type] = {}
+    #: What the model's `extra_conds` may return for a VCT prompt (anything else is refused).
+    condition_keys: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def context_width(self, model) -> Optional[int]:
+        """Return the text-conditioning width the model takes, when its config says."""
+
+    @abc.abstractmethod
+    def inject(self, model, config: InjectionConfig, sigmas: torch.Tensor):
+        """Return a clone of `model` with VCT's dual-branch control on its attention, wrapping patches already there."""
+
+    @abc.abstractmethod
+    def recompute_types(self) -> tuple[type, ...]:
+        """Return the block classes whose activations may be recomputed in backward instead of kept."""
+
+    @abc.abstractmethod
+    def text_encoders(self, clip, node: str) -> list:
+        """Return the family's text encoders of `clip` (objects with `key`, `module`, `embedding_key`, `width`)."""
+
+    @abc.abstractmethod
+    def initializer_vectors(self, encoder, word: str, count: int) -> torch.Tensor:
+        """Return `count` starting vectors for a concept from the initializer word's token embeddings."""
+
+    @abc.abstractmethod
+    def gradient_encoder(self, encoders: list, to_model: Callable[[list], dict]) -> Callable[[dict], dict]:
+        """Return a callable from concept vectors (per encoder key) to the model's conditioning, with gradients.
+
+        `to_model` turns a CONDITIONING into the model's conditioning dict, keeping gradients.
+        """
+
+    @abc.abstractmethod
+    def text_device(self, clip) -> torch.device:
+        """Return the device the text encoders run on."""

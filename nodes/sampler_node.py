@@ -1,0 +1,122 @@
+"""VCT Dual-Branch Sampler: content-concept fusion, B borrowing B*'s attention."""
+from __future__ import annotations
+
+import logging
+
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from .. import vct_ops
+from . import arch, progress, tokens
+from .model import denoiser, guidance, identity
+from .model.conditioning import BranchConditioning, latent_out
+from .model.controls import controls_ready
+from .payloads import Inversion
+
+log = logging.getLogger("ComfyUI-VCT")
+NODE = "VCT Dual-Branch Sampler"
+
+
+class VCTDualBranchSampler(io.ComfyNode):
+    """Samples the reconstruction branch B* and the translation branch B together, B borrowing B*'s attention."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Return the node's schema."""
+        return io.Schema(
+            node_id="VCTDualBranchSampler",
+            display_name="VCT Dual-Branch Sampler",
+            category="VCT",
+            description="Runs both VCT branches from the inverted noise: B* rebuilds the source, B follows the "
+            "concept while borrowing B*'s self-attention (structure) and, early on, its cross-attention maps.",
+            inputs=[
+                io.Model.Input("model", tooltip="The same model (and LoRAs) used for the inversion."),
+                Inversion.Input("inversion", tooltip="From VCT Content Null-Text Invert (it must carry null "
+                                "embeddings)."),
+                io.Conditioning.Input("concept", tooltip="The concept prompt: from VCT Concept Embedding Learn, "
+                                      "from VCT Concept Prompt (the concept inside a sentence), or a CLIPTextEncode "
+                                      "of exactly 'embedding:my_concept' (then set concept_tokens)."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="CFG scale; use the one the null-text inversion was tuned for (7.5)."),
+                io.Float.Input("self_injection", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps in which B uses B*'s self-attention maps. Higher "
+                               "keeps more of the source's structure."),
+                io.Float.Input("cross_injection", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps in which B takes B*'s cross-attention maps at the "
+                               "aligned tokens."),
+                io.Float.Input("concept_weight", default=0.5, min=0.0, max=5.0, step=0.05,
+                               tooltip="Scale of the concept tokens' cross-attention during cross_injection."),
+                io.Int.Input("concept_tokens", default=0, min=0, max=75, optional=True,
+                             tooltip="0: read where the concept tokens are from the concept conditioning (VCT "
+                             "Concept Embedding Learn and VCT Concept Prompt record it). For a CLIPTextEncode of "
+                             "exactly embedding:NAME, the number of vectors in that embedding; the source prompt "
+                             "must then be empty."),
+                io.Combo.Input("equalizer", options=list(tokens.EQUALIZERS), default="concept_tokens", optional=True,
+                               tooltip="Which tokens concept_weight scales. concept_tokens: the concept's own "
+                               "tokens. reference_code: the positions the published code scales (the start "
+                               "token and all but the last concept token)."),
+            ],
+            outputs=[
+                io.Latent.Output("latent", display_name="translation",
+                                 tooltip="The translated image B; decode with VAEDecode."),
+                io.Latent.Output("reconstruction", display_name="reconstruction B*",
+                                 tooltip="The reconstruction B* (should match the source); decode with VAEDecode."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
+                concept_tokens=0, equalizer="concept_tokens") -> io.NodeOutput:
+        """Sample both branches and return B and B*."""
+        architecture = arch.for_model(model, NODE)
+        identity.check_matches_model(inversion, model, NODE)
+        if inversion.null_embeddings is None:
+            raise ValueError(
+                f"{NODE}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
+                "VCT DDIM Invert and this node"
+            )
+        shape = inversion.source_latent.shape
+        branch = BranchConditioning.read(model, concept, "concept", shape)
+        source = inversion.source_cond
+        tokens.check_same_length(branch.tokens, source["c_crossattn"].shape[1], "concept", "the source prompt",
+                                 "use a concept prompt of at most 75 tokens")
+        config = tokens.injection_config(source["c_crossattn"], concept, self_injection, cross_injection,
+                                         concept_weight, concept_tokens, equalizer, inversion.source_layout, NODE)
+        patched = architecture.inject(model, config, inversion.sigmas)
+        # Each branch's ControlNet: the concept's acts on B, the source's (kept by the inversion) on B*.
+        controls = {vct_ops.ROLE_MAIN: branch.control, vct_ops.ROLE_REF: inversion.source_control}
+        device = patched.load_device
+        steps = inversion.steps
+        preview = latent_preview.prepare_callback(patched, steps)
+
+        def on_preview(step: int, total: int, denoised: torch.Tensor) -> None:
+            # Like ComfyUI's samplers: the preview shows the current clean-latent estimate.
+            preview(step - 1, denoised, denoised, total)
+
+        method = inversion.traits
+        if abs(cfg - inversion.cfg) > 1e-6 and method.tuned_for_cfg:
+            log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
+                        "will drift", NODE, inversion.cfg, cfg)
+        nulls = inversion.null_list()
+        with controls_ready(patched, controls.values()) as control_models:
+            denoiser.load(patched, control_models)
+            # As ComfyUI's samplers do around sampling: the model knows its patcher (CFG hooks that
+            # call the model again need it) and pre-run callbacks of other packs run.
+            patched.pre_run()
+            try:
+                result = vct_ops.dual_branch_sample(
+                    denoiser.Denoiser(patched, controls=controls),
+                    inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
+                    source, branch.model_cond, nulls, guidance=cfg,
+                    callback=progress.step_callback(progress.Progress(steps)), preview=on_preview,
+                    ref_trajectory=inversion.trajectory.to(device) if method.corrects_reconstruction else None,
+                    guide_main=guidance.cfg_hooks(patched, branch, nulls, shape, device),
+                )
+            finally:
+                patched.cleanup()
+        end = inversion.sigmas[-1]
+        return io.NodeOutput(
+            latent_out(patched, vct_ops.x_to_latent(result.main, end)),
+            latent_out(patched, vct_ops.x_to_latent(result.ref, end)),
+        )

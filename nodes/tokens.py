@@ -1,0 +1,130 @@
+"""Token alignment for the cross-attention refine: layout ids, recorded layouts, the refine mapping's
+inputs and the equaliser's positions.
+
+A token layout is a prompt's token ids from its start token to its end token. Real tokens keep
+their ids; a concept vector gets a negative id (`concept_id`), another embedding's vector an id
+from its values below OTHER_EMBEDDING. VCT's prompt nodes record the layout in the
+CONDITIONING's options (LAYOUT_KEY), with the same CLIP's encoding of the empty prompt
+(EMPTY_PROMPT_KEY, the paper's source prompt), and the sampler aligns source and concept by them.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+
+import torch
+
+from .. import vct_ops
+
+log = logging.getLogger("ComfyUI-VCT")
+
+LAYOUT_KEY = "vct_token_layout"
+EMPTY_PROMPT_KEY = "vct_empty_prompt"
+# Ids of another embedding's vectors lie below this; concept vectors take -1, -2, ... above it,
+# real tokens are non-negative.
+OTHER_EMBEDDING = -1000
+# The ends of every layout, as symbols: layouts recorded by the pack carry the tokenizer's real
+# start and end ids, the paper's layout (assumed) does not know them.
+START, END = -(1 << 40), -(1 << 40) - 1  # below every other layout id
+EQUALIZERS = ("concept_tokens", "reference_code")
+
+
+def concept_id(index: int) -> int:
+    """Return the layout id of the `index`-th concept vector (-1, -2, ...: no real token has it)."""
+    return -1 - index
+
+
+def is_concept_id(layout_id: int) -> bool:
+    """Return whether a layout id is one of a concept vector's."""
+    return OTHER_EMBEDDING < layout_id < 0
+
+
+def token_id(token) -> int:
+    """Return the layout id of one token of a ComfyUI token list: its id, or for an embedding's vector one from
+    its values, so the same vector in the source and the concept prompt aligns and different ones never do."""
+    if isinstance(token, int):
+        return int(token)
+    digest = zlib.crc32(token.detach().float().cpu().numpy().tobytes())
+    return OTHER_EMBEDDING - 1 - digest
+
+
+def check_same_length(tokens: int, expected: int, name: str, expected_name: str, fix: str) -> None:
+    """Raise ValueError when a conditioning does not have as many tokens as the one it must pair with."""
+    if tokens != expected:
+        raise ValueError(f"{name} encodes to {tokens} tokens but {expected_name} to {expected}; {fix}")
+
+
+def paper_layout(count: int) -> list[int]:
+    """Return the layout of a prompt made of `count` concept vectors alone: [start, c1..cn, end]."""
+    return [START] + [concept_id(i) for i in range(count)] + [END]
+
+
+def _ends_symbolic(layout: list) -> list:
+    return [START] + [int(t) for t in layout[1:-1]] + [END]
+
+
+def equalizer_positions(layout: list, equalizer: str) -> list[int]:
+    """Return the token positions the equaliser scales in a concept prompt's layout.
+
+    `concept_tokens` scales the concept vectors' positions. `reference_code` reproduces the
+    reference implementation, whose word-index helper drops the start token's +1 and so scales
+    the position before each: with the paper's layout, the start token and all but the last
+    concept token.
+    """
+    if equalizer not in EQUALIZERS:
+        raise ValueError(f"equalizer must be one of {', '.join(EQUALIZERS)}, got {equalizer!r}")
+    positions = [j for j, token in enumerate(layout) if is_concept_id(token)]
+    return positions if equalizer == "concept_tokens" else [p - 1 for p in positions]
+
+
+def token_layouts(source: torch.Tensor, source_layout, concept: list, concept_tokens: int, node: str
+                  ) -> tuple[list, list]:
+    """Return the (source, concept) token layouts the refine mapping aligns, from what the inputs record.
+
+    The concept's comes from its conditioning (VCT Concept Embedding Learn, VCT Concept Prompt) or
+    from `concept_tokens` for a plain `embedding:NAME` prompt; the source's from the inversion (its
+    conditioning came from VCT Concept Prompt) or, for the paper's empty prompt, from the concept's
+    record of the same CLIP's empty-prompt encoding.
+    """
+    cond, options = concept[0][0], concept[0][1]
+    if cond.shape[1:] == source.shape[1:] and torch.equal(cond.cpu().float(), source.cpu().float()):
+        return [START, END], [START, END]  # the concept is the source prompt: every token aligns
+    recorded = options.get(LAYOUT_KEY)
+    if recorded:
+        target = _ends_symbolic(recorded)
+    elif concept_tokens > 0:
+        target = paper_layout(concept_tokens)
+    else:
+        raise ValueError(
+            f"{node}: the concept conditioning does not say where its concept tokens are. Connect it from VCT "
+            "Concept Embedding Learn or VCT Concept Prompt, or, for a CLIPTextEncode of exactly embedding:NAME, set "
+            "concept_tokens to the number of vectors in that embedding"
+        )
+    if source_layout:
+        return _ends_symbolic(source_layout), target
+    empty = options.get(EMPTY_PROMPT_KEY)
+    if empty is None:
+        # A plain embedding:NAME concept with concept_tokens set, and a source that records nothing:
+        # the paper's layout is assumed and nothing can confirm it, so the user is told.
+        log.warning("%s: neither prompt records its tokens, so the paper's layout is assumed: the concept "
+                    "prompt is exactly embedding:NAME (%d vectors) and the source prompt is empty. For any other "
+                    "prompts, encode both with VCT Concept Prompt", node, concept_tokens)
+        return [START, END], target
+    if empty.shape[1:] == source.shape[1:] and torch.allclose(empty.float().cpu(), source.float().cpu(),
+                                                              rtol=1e-3, atol=1e-3):
+        return [START, END], target
+    log.warning("%s: the source prompt is not empty and its tokens are unknown, so its cross-attention maps are "
+                "aligned as if it were empty. Encode the source prompt with VCT Concept Prompt before VCT DDIM "
+                "Invert to align it word by word", node)
+    return [START, END], target
+
+
+def injection_config(source: torch.Tensor, concept: list, self_fraction: float, cross_fraction: float,
+                     concept_weight: float, concept_tokens: int, equalizer: str = "concept_tokens",
+                     source_layout=None, node: str = "VCT Dual-Branch Sampler") -> vct_ops.InjectionConfig:
+    """Return the injection settings: the refine mapping of the source prompt's tokens to the concept prompt's."""
+    length = concept[0][0].shape[1]
+    source_ids, target_ids = token_layouts(source, source_layout, concept, concept_tokens, node)
+    mapper, alphas = vct_ops.refine_mapping(source_ids, target_ids, length)
+    weights = vct_ops.token_weights(length, equalizer_positions(target_ids, equalizer), concept_weight)
+    return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights)
