@@ -3,23 +3,19 @@
 A concept prompt is the token list `embedding:NAME` produces: [start, v1, ..., vn, end, padding],
 per text encoder (one for SD1.x/SD2.x, CLIP-L and CLIP-G for SDXL), so the conditioning the
 nodes output equals what a plain CLIPTextEncode of `embedding:NAME` gives once the vectors are
-saved. Every prompt records its token layout (see tokens.py) for the sampler's alignment.
+saved. Every prompt records its token layout (see tokens.py) for the sampler's alignment. An encoder
+is one of the architecture's text encoders (`arch.clip_text.ClipEncoder`: `clip`, `key`).
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from .tokens import EMPTY_PROMPT_KEY, LAYOUT_KEY, concept_id, token_id
 
-if TYPE_CHECKING:
-    from .arch.clip_text import ClipEncoder
-
 PLACEHOLDER = "{concept}"
 
 
-def _tokenize(encoder: ClipEncoder, text: str, tokenized: dict | None) -> list:
+def _tokenize(encoder, text: str, tokenized: dict | None) -> list:
     """Return the chunks of `text` for `encoder`, taken from `tokenized` (text -> clip.tokenize(text)) when given."""
     if tokenized is None:
         return encoder.clip.tokenize(text)[encoder.key]
@@ -28,7 +24,7 @@ def _tokenize(encoder: ClipEncoder, text: str, tokenized: dict | None) -> list:
     return tokenized[text][encoder.key]
 
 
-def _word_tokens(encoder: ClipEncoder, text: str, end: int, tokenized: dict | None) -> list:
+def _word_tokens(encoder, text: str, end: int, tokenized: dict | None) -> list:
     """Return the (token, weight) pairs of `text` between its start and its `end` token."""
     if not text.strip():
         return []
@@ -41,7 +37,7 @@ def _word_tokens(encoder: ClipEncoder, text: str, end: int, tokenized: dict | No
     return [tuple(pair[:2]) for pair in chunk[1:stop]]
 
 
-def spliced_tokens(encoder: ClipEncoder, before: str, vectors, after: str,
+def spliced_tokens(encoder, before: str, vectors, after: str,
                    tokenized: dict | None = None) -> tuple[list, list]:
     """Return (token list as ComfyUI's tokenizer gives it, layout ids) of `before` + concept vectors + `after`.
 
@@ -63,12 +59,12 @@ def spliced_tokens(encoder: ClipEncoder, before: str, vectors, after: str,
     return tokens, layout
 
 
-def concept_token_list(encoder: ClipEncoder, vectors: torch.Tensor, tokenized: dict | None = None) -> list:
+def concept_token_list(encoder, vectors: torch.Tensor, tokenized: dict | None = None) -> list:
     """Return the token list of a prompt made only of the concept vectors, as `embedding:NAME` tokenizes it."""
     return spliced_tokens(encoder, "", vectors, "", tokenized)[0]
 
 
-def encode_prompt(encoders: list[ClipEncoder], text: str, vectors: dict | None) -> list:
+def encode_prompt(encoders: list, text: str, vectors: dict | None) -> list:
     """Return the CONDITIONING of `text` with the concept vectors (per encoder key) at its {concept}, if any.
 
     The conditioning records its token layout and the same CLIP's empty-prompt encoding, so the
@@ -98,6 +94,6 @@ def encode_prompt(encoders: list[ClipEncoder], text: str, vectors: dict | None) 
     return [[cond, out]]
 
 
-def encode_concept(encoders: list[ClipEncoder], vectors: dict) -> list:
+def encode_concept(encoders: list, vectors: dict) -> list:
     """Return the CONDITIONING of the concept prompt (the vectors alone) through ComfyUI's regular encoding."""
     return encode_prompt(encoders, PLACEHOLDER, vectors)

@@ -55,3 +55,55 @@ def test_nodes_folder_is_not_a_top_level_package(tmp_path):
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     origin = found.stdout.strip()
     assert not origin or ROOT not in pathlib.Path(origin).resolve().parents, origin
+
+
+def relative_imports(path, package_parts):
+    """Yield the dotted names (relative to the pack root) of the modules `path` imports relatively."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package_parts[: len(package_parts) - node.level + 1]
+            module = base + (node.module.split(".") if node.module else [])
+            if node.module:
+                yield ".".join(module)
+            yield from (".".join(module + [alias.name]) for alias in node.names)
+
+
+def nodes_import_graph():
+    """Return {module: set of nodes/ modules it imports}, module names dotted from the pack root."""
+    graph = {}
+    for path in sorted((ROOT / "nodes").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = parts[:-1]
+        graph[name] = set()
+        for target in relative_imports(path, package):
+            # `from .x import y` names module x and, when it is a module, y; keep what exists as a module.
+            file = ROOT.joinpath(*target.split("."))
+            if target.startswith("nodes") and target != name and (file.with_suffix(".py").is_file() or file.is_dir()):
+                graph[name].add(target)
+    return graph
+
+
+def test_nodes_modules_import_no_circle():
+    graph = nodes_import_graph()
+    assert "nodes.model.training" in graph and "nodes.arch" in graph
+
+    def reaches(start, goal, seen):
+        for nxt in graph.get(start, ()):
+            if nxt == goal:
+                return True
+            # A module importing its own package's __init__ is how Python loads it, not a circle.
+            if nxt not in seen and not goal.startswith(nxt + "."):
+                seen.add(nxt)
+                if reaches(nxt, goal, seen):
+                    return True
+        return False
+
+    circles = [m for m in graph if reaches(m, m, set())]
+    assert not circles, f"import circles through {circles}"
+
+
+def test_nodes_files_stay_small():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "nodes").rglob("*.py")}
+    assert sizes and max(sizes.values()) <= 300, {k: v for k, v in sizes.items() if v > 300}

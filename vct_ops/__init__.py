@@ -39,7 +39,6 @@ from .schedule import (
     ddim_sigmas,
     ddim_timesteps,
     scaled_linear_alphas_cumprod,
-    sigmas_to_alphas_cumprod,
     steps_in_window,
     window_sigma,
 )
@@ -91,7 +90,6 @@ __all__ = [
     "ddim_sigmas",
     "ddim_timesteps",
     "scaled_linear_alphas_cumprod",
-    "sigmas_to_alphas_cumprod",
     "steps_in_window",
     "window_sigma",
 ]

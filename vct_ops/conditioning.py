@@ -57,3 +57,13 @@ def cond_detach(cond: Cond) -> Cond:
 def cond_batch(cond: Cond) -> int:
     """Return the batch size of `cond`."""
     return cond_leaves(cond)[0].shape[0]
+
+
+def match_batch(cond: Cond, rows: int) -> Cond:
+    """Return `cond` with `rows` rows: itself, or its single row repeated."""
+    batch = cond_batch(cond)
+    if batch == rows:
+        return cond
+    if batch == 1:
+        return cond_repeat(cond, rows)
+    raise ValueError(f"conditioning has batch {batch} but the latent has batch {rows}; use one prompt per image")

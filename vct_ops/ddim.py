@@ -10,7 +10,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from .conditioning import Cond, cond_batch, cond_cat, cond_repeat
+from .conditioning import Cond, cond_cat, match_batch
 from .validate import check_latent, check_sigmas
 
 
@@ -73,7 +73,8 @@ def ddim_invert_step(
     return x + eps * (sigma_next - sigma)
 
 
-def _sigma_batch(sigma: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
+def sigma_batch(sigma: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Return `sigma` as one value per row, on `like`'s device and dtype."""
     return sigma.to(device=like.device, dtype=like.dtype).expand(rows).clone()
 
 
@@ -89,21 +90,12 @@ def guided_denoise(
     """Return the (optionally CFG-guided) denoised estimate, with both halves in one model call."""
     rows = x.shape[0]
     if uncond is None or guidance == 1.0:
-        return denoise(x, _sigma_batch(sigma, rows, x), cond, transformer_options)
+        return denoise(x, sigma_batch(sigma, rows, x), cond, transformer_options)
     both = denoise(
-        torch.cat([x, x]), _sigma_batch(sigma, 2 * rows, x), cond_cat([uncond, cond]), transformer_options
+        torch.cat([x, x]), sigma_batch(sigma, 2 * rows, x), cond_cat([uncond, cond]), transformer_options
     )
     den_uncond, den_cond = both.chunk(2)
     return cfg(den_uncond, den_cond, guidance)
-
-
-def _match_batch(cond: Cond, rows: int) -> Cond:
-    batch = cond_batch(cond)
-    if batch == rows:
-        return cond
-    if batch == 1:
-        return cond_repeat(cond, rows)
-    raise ValueError(f"conditioning has batch {batch} but the latent has batch {rows}; use one prompt per image")
 
 
 def ddim_invert(
@@ -122,9 +114,9 @@ def ddim_invert(
     """
     check_latent("x0", x0)
     check_sigmas("sigmas", sigmas)
-    cond = _match_batch(cond, x0.shape[0])
+    cond = match_batch(cond, x0.shape[0])
     if uncond is not None:
-        uncond = _match_batch(uncond, x0.shape[0])
+        uncond = match_batch(uncond, x0.shape[0])
     rising = sigmas.flip(0)
     steps = rising.numel() - 1
     trajectory = [x0]
@@ -158,7 +150,7 @@ def ddim_sample(
     steps = sigmas.numel() - 1
     if isinstance(uncond, list) and len(uncond) != steps:
         raise ValueError(f"uncond holds {len(uncond)} per-step embeddings but the schedule has {steps} steps")
-    cond = _match_batch(cond, x_T.shape[0])
+    cond = match_batch(cond, x_T.shape[0])
     x = x_T
     with torch.no_grad():
         for i in range(steps):
@@ -166,7 +158,7 @@ def ddim_sample(
             if sigma_next != sigma:
                 step_uncond = uncond[i] if isinstance(uncond, list) else uncond
                 if step_uncond is not None:
-                    step_uncond = _match_batch(step_uncond, x.shape[0])
+                    step_uncond = match_batch(step_uncond, x.shape[0])
                 denoised = guided_denoise(denoise, x, sigma, cond, step_uncond, guidance)
                 x = ddim_step(x, sigma, sigma_next, denoised)
             if callback is not None:

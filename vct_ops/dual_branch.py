@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from .attention import BRANCHES_KEY, ROLE_MAIN, ROLE_REF, ROLE_UNCOND, ROLES_KEY
-from .conditioning import Cond, cond_cat
-from .ddim import Denoiser, StepCallback, _match_batch, _sigma_batch, cfg, ddim_step
+from .conditioning import Cond, cond_cat, match_batch
+from .ddim import Denoiser, StepCallback, cfg, ddim_step, sigma_batch
 from .validate import check_latent, check_sigmas
 
 # How B's guided estimate is formed from its rows: (x, sigma, cond denoised, uncond denoised,
@@ -69,8 +69,8 @@ def dual_branch_sample(
             f"{(steps + 1, *x_T.shape)}; use the trajectory of the same inversion"
         )
     rows = x_T.shape[0]
-    source_cond = _match_batch(source_cond, rows)
-    concept_cond = _match_batch(concept_cond, rows)
+    source_cond = match_batch(source_cond, rows)
+    concept_cond = match_batch(concept_cond, rows)
     roles = [ROLE_UNCOND] * (2 * rows) + [ROLE_REF] * rows + [ROLE_MAIN] * rows
     branches = [ROLE_MAIN] * rows + [ROLE_REF] * (2 * rows) + [ROLE_MAIN] * rows
     base_options = dict(transformer_options or {})
@@ -79,8 +79,8 @@ def dual_branch_sample(
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             if sigma_next != sigma:
-                phi = _match_batch(null_embeddings[i], rows)
-                sig = _sigma_batch(sigma, 4 * rows, x_T)
+                phi = match_batch(null_embeddings[i], rows)
+                sig = sigma_batch(sigma, 4 * rows, x_T)
                 options = dict(base_options, sigmas=sig, sample_sigmas=sigmas)
                 options[ROLES_KEY] = roles
                 options[BRANCHES_KEY] = branches

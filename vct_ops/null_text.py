@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .conditioning import Cond, cond_detach, cond_leaves, cond_map
-from .ddim import Denoiser, _match_batch, _sigma_batch, cfg, ddim_step
+from .conditioning import Cond, cond_detach, cond_leaves, cond_map, match_batch
+from .ddim import Denoiser, cfg, ddim_step, sigma_batch
 from .scaling import LossScale
 from .validate import check_finite, check_sigmas, check_steps
 
@@ -68,8 +68,8 @@ def null_text_invert(
         )
     check_finite("trajectory", trajectory)
     rows = trajectory.shape[1]
-    cond = cond_detach(_match_batch(cond, rows))
-    phi = cond_detach(_match_batch(uncond_init, rows))
+    cond = cond_detach(match_batch(cond, rows))
+    phi = cond_detach(match_batch(uncond_init, rows))
     embeddings: list[Cond] = []
     losses: list[float] = []
     iterations: list[int] = []
@@ -89,7 +89,7 @@ def null_text_invert(
                 if progress is not None:
                     progress((i + 1) * inner_steps, total)
                 continue
-            sig = _sigma_batch(sigma, rows, x)
+            sig = sigma_batch(sigma, rows, x)
             with torch.no_grad():
                 den_cond = denoise(x, sig, cond, None)
             phi = cond_map(lambda t: t.detach().clone().requires_grad_(True), phi)

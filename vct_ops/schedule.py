@@ -26,11 +26,6 @@ def alphas_cumprod_to_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
-def sigmas_to_alphas_cumprod(sigmas: torch.Tensor) -> torch.Tensor:
-    """Return the alpha_bar of each sigma: 1 / (1 + sigma^2)."""
-    return 1.0 / (1.0 + sigmas * sigmas)
-
-
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
     """Return the DDIM timesteps, noisiest first (1000 training steps, 50 steps: 980, 960, ..., 0)."""
     check_steps("steps", steps, low=1, high=num_train_timesteps)

@@ -34,12 +34,6 @@ def check_latent(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return check_finite(name, tensor)
 
 
-def check_same_shape(name: str, tensor: torch.Tensor, expected: torch.Size | tuple, what: str) -> None:
-    """Raise ValueError unless `tensor` has the `expected` shape."""
-    if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {what} has shape {tuple(expected)}")
-
-
 def check_sigmas(name: str, sigmas: torch.Tensor, descending: bool = True) -> torch.Tensor:
     """Return `sigmas` after checking it is a finite, positive, monotone 1-D schedule of 2+ values."""
     if not torch.is_tensor(sigmas) or sigmas.dim() != 1 or sigmas.numel() < 2:
