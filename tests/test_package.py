@@ -107,3 +107,23 @@ def test_nodes_modules_import_no_circle():
 def test_nodes_files_stay_small():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "nodes").rglob("*.py")}
     assert sizes and max(sizes.values()) <= 300, {k: v for k, v in sizes.items() if v > 300}
+
+
+ARCHITECTURE_MODULES = ("comfy.ldm", "comfy.supported_models", "comfy.sd1_clip", "comfy.clip_model", "comfy.sdxl_clip",
+                        "comfy.text_encoders")
+
+
+def test_only_the_architecture_seam_knows_network_internals():
+    # Everything that depends on the network's architecture sits behind nodes/arch: a new family is one
+    # more implementation there, and no other nodes/ module imports a network's or text encoder's code.
+    outside = {}
+    for path in (ROOT / "nodes").rglob("*.py"):
+        if "arch" in path.relative_to(ROOT / "nodes").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        names = [alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module]
+        found = [m for m in names if m.startswith(ARCHITECTURE_MODULES)]
+        if found:
+            outside[str(path.relative_to(ROOT))] = found
+    assert not outside, outside

@@ -36,6 +36,11 @@ class Architecture(abc.ABC):
     def inject(self, model, config: InjectionConfig, sigmas: torch.Tensor):
         """Return a clone of `model` with VCT's dual-branch control on its attention, wrapping patches already there."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def gradient_attention(func, *args, **kwargs):
+        """Attention that backpropagates, as ComfyUI's `optimized_attention_override` (called with the default)."""
+
     @abc.abstractmethod
     def recompute_types(self) -> tuple[type, ...]:
         """Return the block classes whose activations may be recomputed in backward instead of kept."""

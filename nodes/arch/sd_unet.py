@@ -78,6 +78,13 @@ class SDUNet(Architecture):
         """Return a clone with the controller on every transformer block's attn1 and attn2, wrapping patches there."""
         return controlled_clone(model, vct_ops.AttentionController(sigmas, config, attention=_comfy_attention))
 
+    @staticmethod
+    def gradient_attention(func, *args, **kwargs):
+        """Return PyTorch's fused attention, which backpropagates on every device."""
+        # Sub-quadratic attention (ComfyUI's CPU default) was seen to give zero gradients to the text
+        # conditioning.
+        return comfy_attention.attention_pytorch(*args, **kwargs)
+
     def recompute_types(self) -> tuple[type, ...]:
         """Return the UNet's residual and transformer blocks."""
         return (comfy_unet.ResBlock, comfy_attention.BasicTransformerBlock)

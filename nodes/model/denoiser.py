@@ -9,19 +9,12 @@ from __future__ import annotations
 import uuid
 from typing import Optional
 
-import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import torch
 
 from ...vct_ops import BRANCHES_KEY, ROLE_UNCOND, ROLES_KEY
-from .. import compat
+from .. import arch, compat
 from .controls import ALL_ROWS, OutOfPlaceResidual, scatter_residuals
-
-
-def _gradient_safe_attention(func, *args, **kwargs):
-    # Sub-quadratic attention (ComfyUI's CPU default) was seen to give zero gradients to the text
-    # conditioning; PyTorch's fused attention backpropagates on every device.
-    return comfy_attention.attention_pytorch(*args, **kwargs)
 
 
 class Denoiser:
@@ -42,7 +35,8 @@ class Denoiser:
         self.device = model.load_device
         self.base_options = model.model_options.get("transformer_options", {})
         self.wrapper = model.model_options.get("model_function_wrapper")
-        self.gradients = gradients
+        # Under gradients, attention takes a path known to backpropagate (the architecture's choice).
+        self.attention_override = arch.for_model(model).gradient_attention if gradients else None
         self.sample_sigmas = sample_sigmas
         # Stable ids for the conditional and unconditional inputs, as ComfyUI's samplers give
         # other packs' patches (e.g. caches keyed by cond).
@@ -54,8 +48,8 @@ class Denoiser:
         options = dict(self.base_options)
         if transformer_options:
             options.update(transformer_options)
-        if self.gradients:
-            options["optimized_attention_override"] = _gradient_safe_attention
+        if self.attention_override is not None:
+            options["optimized_attention_override"] = self.attention_override
         x, sigma = x.to(self.device), sigma.to(self.device)
         cond = {key: value.to(self.device) for key, value in cond.items()}
         roles = options.get(ROLES_KEY)
@@ -128,7 +122,7 @@ class Denoiser:
                                        options)
             if part is not None:
                 merged = scatter_residuals(part, rows, x.shape[0], merged)
-        if merged is not None and self.gradients and torch.is_grad_enabled():
+        if merged is not None and self.attention_override is not None and torch.is_grad_enabled():
             merged = {key: [v.as_subclass(OutOfPlaceResidual) if torch.is_tensor(v) else v for v in values]
                       for key, values in merged.items()}
         return merged

@@ -28,16 +28,10 @@ def cfg_hooks(model, concept: BranchConditioning, nulls: list[dict], latent_shap
     base = model.model
     positive = concept.sampler_conds(model, latent_shape, device)
     negative_uuid = uuid.uuid4()  # one negative across the steps, as in ComfyUI's sampling (caches key by it)
-
-    def negative(step: int) -> list:
-        null = nulls[step]
-        model_conds = {"c_crossattn": comfy.conds.CONDCrossAttn(null["c_crossattn"].to(device))}
-        if "y" in null:
-            model_conds["y"] = comfy.conds.CONDRegular(null["y"].to(device))
-        return [{"cross_attn": null["c_crossattn"], "model_conds": model_conds, "uuid": negative_uuid}]
+    negatives = [_negative(null, negative_uuid, device) for null in nulls]
 
     def guide(x, sigma, cond_pred, uncond_pred, scale, step):
-        uncond = negative(step)
+        uncond = negatives[step]
         conds, out = [positive, uncond], [cond_pred, uncond_pred]
         for fn in options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": conds, "conds_out": out, "cond_scale": scale, "timestep": sigma, "input": x,
@@ -46,3 +40,11 @@ def cfg_hooks(model, concept: BranchConditioning, nulls: list[dict], latent_shap
                                            cond=positive, uncond=uncond)
 
     return guide
+
+
+def _negative(null: dict, negative_uuid, device) -> list:
+    """Return one step's null embedding as ComfyUI's sampler-format negative."""
+    model_conds = {"c_crossattn": comfy.conds.CONDCrossAttn(null["c_crossattn"].to(device))}
+    if "y" in null:
+        model_conds["y"] = comfy.conds.CONDRegular(null["y"].to(device))
+    return [{"cross_attn": null["c_crossattn"], "model_conds": model_conds, "uuid": negative_uuid}]
