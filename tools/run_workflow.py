@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -53,18 +54,67 @@ def bootstrap(comfyui_path, cpu: bool = False) -> bool:
         raise UsageError(f"ComfyUI at {root} failed to start: {type(e).__name__}: {e}"
                          + ("" if cpu else " (no usable GPU? try --cpu)")) from e
     nodes, server = sys.modules["nodes"], sys.modules["server"]
-    if (root / "extra_model_paths.yaml").is_file():
-        sys.modules["utils.extra_config"].load_extra_path_config(str(root / "extra_model_paths.yaml"))
     if Path(nodes.__file__).resolve() != root / "nodes.py":
         raise UsageError(f"`import nodes` gave {nodes.__file__}, not {root / 'nodes.py'}")
+    load_path_configs(root)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:  # created, not started, as main.py does: custom nodes add routes to PromptServer.instance
-        server.PromptServer(loop)
+        prompt_server(server, loop)
     except Exception as e:  # noqa: BLE001 - a pack needing it then fails to load, and ComfyUI says so
         log.warning("could not create ComfyUI's PromptServer (%s); packs that need it may not load", e)
     loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     return True
+
+
+def load_path_configs(root) -> list[Path]:
+    """Read the model-path files in the ComfyUI folder `root` as 0.38.x's main.py does; return the ones read.
+
+    `extra_paths.yaml` first; when it exists, `extra_model_paths.yaml` is ignored with a warning (main.py's
+    `apply_custom_paths`); otherwise `extra_model_paths.yaml`. Then, as main.py on every version, the output
+    folder's checkpoints, clip, vae, diffusion_models and loras subfolders are added to those model folders.
+    """
+    import folder_paths
+
+    load = importlib.import_module("utils.extra_config").load_extra_path_config
+    newer, older = Path(root) / "extra_paths.yaml", Path(root) / "extra_model_paths.yaml"
+    read = []
+    if newer.is_file():
+        # 0.38.x lets extra_paths.yaml name system folders; older versions' loader takes no such option
+        if "allow_system_dirs" in inspect.signature(load).parameters:
+            load(str(newer), allow_system_dirs=True)
+        else:
+            load(str(newer))
+        read.append(newer)
+        if older.is_file():
+            log.warning("both %s and %s exist; ignoring the deprecated %s, as ComfyUI does", newer.name, older.name,
+                        older.name)
+    elif older.is_file():
+        load(str(older))
+        read.append(older)
+    for name in ("checkpoints", "clip", "vae", "diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.get_output_directory(), name))
+    return read
+
+
+def prompt_server(server, loop):
+    """Create ComfyUI's PromptServer for `loop` (not started) with the arguments this version's constructor takes.
+
+    0.3.64 takes `PromptServer(loop)`; 0.38.x `PromptServer(loop, asset_manager)`, which the runner gives the
+    assets-off manager (no database, no file scans) that 0.38.x's PromptExecutor also uses by default.
+    """
+    if "asset_manager" not in inspect.signature(server.PromptServer).parameters:
+        return server.PromptServer(loop)
+    return server.PromptServer(loop, headless_asset_manager())
+
+
+def headless_asset_manager():
+    """Return 0.38.x's asset manager with assets off (`app.assets.manager.NoAssets`), else its default one."""
+    from comfy.cli_args import args
+
+    manager = importlib.import_module("app.assets.manager")
+    no_assets = getattr(manager, "NoAssets", None)
+    return no_assets(args) if no_assets is not None else manager.default_asset_manager()
 
 
 def ensure_pack_loaded() -> bool:
@@ -226,14 +276,9 @@ def build_prompt(workflow, checkpoint, source, reference, overrides=()) -> dict:
 
 # ---------------------------------------------------------------------------- validating and executing
 
-def load_compat():
-    """Return the pack's ComfyUI-version adapter (nodes/compat.py), loaded from its file once ComfyUI is importable."""
-    return _load_file("vct_compat", PACK_ROOT / "nodes" / "compat.py")
-
-
 def execute(prompt: dict, outputs: list[str]) -> list[Path]:
     """Run a validated prompt with ComfyUI's PromptExecutor; return the absolute paths of the saved images."""
-    return running.execute(prompt, outputs, load_compat().prompt_executor)
+    return running.execute(prompt, outputs)
 
 
 def run(comfyui_path, workflow, checkpoint, source, reference, overrides=(), cpu=False) -> list[Path]:

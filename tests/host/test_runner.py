@@ -1,8 +1,12 @@
 """tools/run_workflow.py, the headless runner, inside the test session's ComfyUI (already bootstrapped)."""
 from __future__ import annotations
 
+import copy
 import logging
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import comfy_runner
@@ -28,6 +32,14 @@ def staged(comfy_session):
     """Remove what the runner copies into the session's input/vct/ folder."""
     yield comfy_session.input_dir / "vct"
     shutil.rmtree(comfy_session.input_dir / "vct", ignore_errors=True)
+
+
+def test_the_tools_load_nothing_from_the_pack_folders():
+    """The tools load their sibling files only; nodes/ (ComfyUI glue) is never loaded by path."""
+    for path in sorted(rw.TOOLS_DIR.glob("*.py")):
+        source = path.read_text()
+        assert not re.search(r"/\s*[\"']nodes[\"']", source), f"{path.name} joins a path to nodes/"
+        assert all("TOOLS_DIR" in call for call in re.findall(r"(?<!def )_load_file\([^)]*\)", source)), path.name
 
 
 def test_runner_module_imports_nothing_from_comfyui():
@@ -148,3 +160,97 @@ def test_a_failing_node_exits_1(vct_pack, tiny_checkpoint, comfy_session, tmp_pa
     argv += [a for s in [*SMALL, "VCTConceptLearn.initializer=  "] for a in ("--set", s)]
     assert rw.main(argv) == 1
     assert "VCTConceptLearn" in caplog.text and "failed" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap pieces
+
+class OldServer:
+    """0.3.64's constructor shape: PromptServer(loop)."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+
+class NewServer:
+    """0.38.x's constructor shape: PromptServer(loop, asset_manager), no default."""
+
+    def __init__(self, loop, asset_manager):
+        self.loop, self.asset_manager = loop, asset_manager
+
+
+def test_the_prompt_server_is_built_for_the_constructor_it_has(monkeypatch):
+    loop = object()
+    old = rw.prompt_server(types.SimpleNamespace(PromptServer=OldServer), loop)
+    assert type(old) is OldServer and old.loop is loop
+
+    class NoAssets:  # 0.38.x's app.assets.manager.NoAssets: assets off, no database
+        def __init__(self, args):
+            self.args, self.enabled = args, False
+
+    manager = types.ModuleType("app.assets.manager")
+    manager.NoAssets = NoAssets
+    manager.default_asset_manager = lambda: pytest.fail("the runner must not start the asset system")
+    monkeypatch.setitem(sys.modules, "app.assets.manager", manager)
+    new = rw.prompt_server(types.SimpleNamespace(PromptServer=NewServer), loop)
+    assert type(new) is NewServer and new.loop is loop
+    assert type(new.asset_manager) is NoAssets and new.asset_manager.enabled is False
+
+    del manager.NoAssets  # a 0.38.x build without NoAssets: its own default manager
+    manager.default_asset_manager = lambda: "default"
+    assert rw.prompt_server(types.SimpleNamespace(PromptServer=NewServer), loop).asset_manager == "default"
+
+
+@pytest.fixture
+def saved_folder_paths():
+    """Restore ComfyUI's model folder list after a test that adds to it."""
+    import folder_paths
+
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths)
+    yield folder_paths
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.filename_list_cache.clear()
+
+
+def write_paths(path: Path, models: Path) -> Path:
+    """Write an extra-model-paths file that adds `models`/<name> to checkpoints and embeddings."""
+    path.write_text(f"mine:\n  base_path: {models}\n  checkpoints: ckpts\n  embeddings: emb\n")
+    return path
+
+
+def test_path_configs_are_read_in_comfyuis_order(comfy_session, tmp_path, saved_folder_paths, caplog):
+    folder_paths = saved_folder_paths
+    root = tmp_path / "ComfyUI"
+    root.mkdir()
+    assert rw.load_path_configs(root) == []
+    output_ckpts = str(Path(folder_paths.get_output_directory()) / "checkpoints")
+    assert output_ckpts in folder_paths.get_folder_paths("checkpoints"), "main.py adds output/checkpoints too"
+
+    older = write_paths(root / "extra_model_paths.yaml", tmp_path / "old")
+    assert rw.load_path_configs(root) == [older]
+    assert str(tmp_path / "old" / "ckpts") in folder_paths.get_folder_paths("checkpoints")
+
+    newer = write_paths(root / "extra_paths.yaml", tmp_path / "new")
+    with caplog.at_level(logging.WARNING, logger="vct.run_workflow"):
+        assert rw.load_path_configs(root) == [newer], "extra_paths.yaml first; then extra_model_paths.yaml is ignored"
+    assert str(tmp_path / "new" / "emb") in folder_paths.get_folder_paths("embeddings")
+    assert "ignoring the deprecated extra_model_paths.yaml" in caplog.text
+
+
+def test_extra_paths_yaml_may_name_system_folders_where_the_loader_allows_it(comfy_session, tmp_path, monkeypatch,
+                                                                            saved_folder_paths):
+    import utils.extra_config
+
+    calls = []
+
+    def newer_loader(yaml_path, allow_system_dirs=False):  # 0.38.x's shape
+        calls.append((Path(yaml_path).name, allow_system_dirs))
+
+    monkeypatch.setattr(utils.extra_config, "load_extra_path_config", newer_loader)
+    write_paths(tmp_path / "extra_paths.yaml", tmp_path / "new")
+    write_paths(tmp_path / "extra_model_paths.yaml", tmp_path / "old")
+    rw.load_path_configs(tmp_path)
+    assert calls == [("extra_paths.yaml", True)]
+    (tmp_path / "extra_paths.yaml").unlink()
+    rw.load_path_configs(tmp_path)
+    assert calls[-1] == ("extra_model_paths.yaml", False)
