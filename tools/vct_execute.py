@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -144,3 +145,8 @@ def execute(prompt: dict, outputs: list[str]) -> list[Path]:
     results = executor.history_result.get("outputs", {})
     return [Path(folder_paths.get_directory_by_type("output"), item.get("subfolder", ""), item["filename"]).resolve()
             for nid in prompt for item in results.get(nid, {}).get("images", []) if item.get("type") == "output"]
+
+
+if __name__ == "__main__":
+    sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
+             f"see python {Path(__file__).with_name('run_workflow.py')} --help")

@@ -5,6 +5,7 @@ import copy
 import logging
 import re
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -85,6 +86,26 @@ def test_source_and_reference_loaders_come_from_the_links(workflow, vct_pack):
     del prompt[reference]
     with pytest.raises(rw.UsageError, match="source image.*VCTDDIMInvert"):
         rw.find_image_loaders(prompt)
+
+
+def test_the_converter_titles_nodes_as_the_frontend_does(vct_pack):
+    """An untitled node's `_meta.title` is its display name (the frontend's default title); a set title wins."""
+    import nodes
+
+    prompt = rw.api_prompt_from_file(rw.resolve_workflow("subject_translation"))
+    by_class = {v["class_type"]: v["_meta"]["title"] for v in prompt.values()}
+    assert by_class["CheckpointLoaderSimple"] == nodes.NODE_DISPLAY_NAME_MAPPINGS["CheckpointLoaderSimple"]
+    assert by_class["VCTDDIMInvert"] == nodes.NODE_CLASS_MAPPINGS["VCTDDIMInvert"].GET_NODE_INFO_V1()["display_name"]
+    assert by_class["VCTDDIMInvert"] != "VCTDDIMInvert"
+    assert by_class["ImageScale"].startswith(("Source to", "Reference to"))
+
+
+@pytest.mark.parametrize("module", ["vct_ui_to_api.py", "vct_execute.py"])
+def test_the_runners_modules_say_they_are_not_commands(module):
+    done = subprocess.run([sys.executable, str(rw.TOOLS_DIR / module), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "not a command" in done.stderr and "run_workflow.py" in done.stderr
+    assert done.stdout == ""
 
 
 def test_resolve_workflow_names():

@@ -76,6 +76,21 @@ def test_templates_link_their_models_for_the_missing_models_dialog(path):
     assert {m["name"] for m in workflow["models"]} == {n["widgets_values"][0] for n in loaders}
 
 
+def test_templates_name_only_images_comfyui_ships(comfy_session):
+    """A fresh ComfyUI opens each template with no missing image: every LoadImage names ComfyUI's own example."""
+    shipped = {p.name for p in (comfy_session.comfyui_path / "input").iterdir()}
+    for path in WORKFLOWS:
+        names = {n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"] if n["type"] == "LoadImage"}
+        assert names == {"example.png"}, path.name
+        assert names <= shipped, f"{path.name}: {sorted(names - shipped)} not in ComfyUI's input/ ({sorted(shipped)})"
+
+
+def test_templates_save_under_their_own_prefix():
+    prefixes = [n["widgets_values"][0] for path in WORKFLOWS for n in json.loads(path.read_text())["nodes"]
+                if n["type"] == "SaveImage"]
+    assert len(prefixes) == len(WORKFLOWS) == len(set(prefixes)), prefixes
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_templates_title_their_decodes_and_label_outputs_as_the_nodes_do(path, vct_pack):
     import nodes
