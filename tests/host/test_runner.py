@@ -275,3 +275,54 @@ def test_extra_paths_yaml_may_name_system_folders_where_the_loader_allows_it(com
     (tmp_path / "extra_paths.yaml").unlink()
     rw.load_path_configs(tmp_path)
     assert calls[-1] == ("extra_model_paths.yaml", False)
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+# The demo's graph at a few steps each; the full run (about a minute alone on 2 CPU cores) is CI's own command.
+FAST_DEMO = ["VCTConceptLearn.steps=3", "VCTConceptLearn.grad_accum=1", "VCTDDIMInvert.steps=4",
+             "VCTNullTextInvert.inner_steps=2"]
+
+
+def test_the_demo_translates_the_toy_images_and_prints_its_card(vct_pack, comfy_session, staged, capsys, caplog):
+    import comfy.sd
+    import folder_paths
+
+    before = comfy.sd.load_checkpoint_guess_config, list(folder_paths.get_folder_paths("checkpoints"))
+    embeddings = sorted(comfy_session.folder("embeddings").iterdir())
+    argv = ["--comfyui", str(comfy_session.comfyui_path), "--demo", *[a for s in FAST_DEMO for a in ("--set", s)]]
+    with caplog.at_level(logging.INFO, logger="vct.run_workflow"):
+        assert rw.main(argv) == 0
+    translation, card = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert translation.parent == card.parent == comfy_session.output_dir
+    assert translation.name.startswith("vct_demo_") and Image.open(translation).size == (128, 128)
+    assert card.name.startswith("vct_demo_grid_") and Image.open(card).size == (512, 512)
+    assert "VCTDualBranchSampler" in caplog.text and f"result card (source + reference -> VCT translation): {card}" \
+        in caplog.text
+    # the toy checkpoint is served for the demo's run only; no embedding is written
+    assert (comfy.sd.load_checkpoint_guess_config, folder_paths.get_folder_paths("checkpoints")) == before
+    assert rw.showing.WEIGHTS.name not in folder_paths.get_filename_list("checkpoints")
+    assert sorted(comfy_session.folder("embeddings").iterdir()) == embeddings
+    assert sorted(p.name.split("-")[0] for p in staged.iterdir()) == ["reference", "source"]
+    translation.unlink()
+    card.unlink()
+
+
+def test_the_demo_card_is_square_and_shows_all_three_images():
+    from PIL import Image as PILImage
+
+    tiles = [("source", np.full((16, 16, 3), 200, np.uint8)), ("reference", np.zeros((16, 16, 3), np.uint8))]
+    card = rw.showing.card(tiles, ("VCT translation", np.full((16, 16, 3), 90, np.uint8)))
+    assert isinstance(card, PILImage.Image) and card.size == (512, 512)
+    colours = {c for _, c in card.getcolors(1 << 16)}
+    assert {(200, 200, 200), (0, 0, 0), (90, 90, 90)} <= colours
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--demo", "--workflow", "style_transfer"], "--demo brings its own workflow, model and images: drop --workflow"),
+    (["--source", "a.png"], "required: --workflow, --reference (or --demo)"),
+])
+def test_demo_arguments_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        rw.main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

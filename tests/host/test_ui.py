@@ -55,9 +55,9 @@ def test_example_workflows_hold_only_templates_and_their_thumbnails():
     assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
     assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
     for stem in stems:
-        # The frontend asks for `<name>.jpg`: a real JPEG with a picture in it, large enough for a card.
+        # The frontend asks for `<name>.jpg`: a real JPEG with a picture in it, square like its template cards.
         with Image.open(TEMPLATES / f"{stem}.jpg") as thumbnail:
-            assert thumbnail.format == "JPEG" and thumbnail.width >= 256 and thumbnail.height >= 128, stem
+            assert thumbnail.format == "JPEG" and thumbnail.size == (512, 512), stem
             low, high = thumbnail.convert("L").getextrema()
             assert high - low > 100, f"{stem}.jpg is nearly uniform"
 
