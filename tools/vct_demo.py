@@ -48,8 +48,7 @@ def toy_checkpoint(load_trained, weights: Path = WEIGHTS):
         model, clip, vae = load_trained(Path(ckpt_path), kwargs.get("embedding_directory"))
         return model, clip, vae, None
 
-    paths = folder_paths.folder_names_and_paths["checkpoints"][0]
-    added = folder not in paths
+    added = folder not in folder_paths.get_folder_paths("checkpoints")
     if added:
         folder_paths.add_model_folder_path("checkpoints", folder)
     folder_paths.filename_list_cache.pop("checkpoints", None)
@@ -58,6 +57,7 @@ def toy_checkpoint(load_trained, weights: Path = WEIGHTS):
         yield Path(weights).name
     finally:
         comfy.sd.load_checkpoint_guess_config = original
+        paths = folder_paths.folder_names_and_paths["checkpoints"][0]  # the live list, not a copy
         if added and folder in paths:
             paths.remove(folder)
         folder_paths.filename_list_cache.pop("checkpoints", None)
