@@ -63,6 +63,9 @@ def bootstrap(comfyui_path, cpu: bool = False) -> bool:
     nodes, server = sys.modules["nodes"], sys.modules["server"]
     if Path(nodes.__file__).resolve() != root / "nodes.py":
         raise UsageError(f"`import nodes` gave {nodes.__file__}, not {root / 'nodes.py'}")
+    policy = governance()
+    if policy is not None:  # as main.py, before paths and packs: a governed build applies its signed policy
+        policy.initialize()
     load_path_configs(root)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -71,7 +74,18 @@ def bootstrap(comfyui_path, cpu: bool = False) -> bool:
     except Exception as e:  # noqa: BLE001 - a pack needing it then fails to load, and ComfyUI says so
         log.warning("could not create ComfyUI's PromptServer (%s); packs that need it may not load", e)
     loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if policy is not None:  # as main.py after loading nodes: the policy's disabled nodes are removed
+        policy.apply_disabled_nodes(set())
     return True
+
+
+def governance():
+    """Return 0.38.x's `app.governance` (a governed build's signed policy, which main.py applies), else None."""
+    try:
+        module = importlib.import_module("app.governance")
+    except ImportError:  # 0.3.64 has none
+        return None
+    return module if callable(getattr(module, "initialize", None)) else None
 
 
 def load_path_configs(root) -> list[Path]:

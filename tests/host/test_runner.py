@@ -221,6 +221,15 @@ def test_the_prompt_server_is_built_for_the_constructor_it_has(monkeypatch):
     assert rw.prompt_server(types.SimpleNamespace(PromptServer=NewServer), loop).asset_manager == "default"
 
 
+def test_a_governed_builds_policy_module_is_found_where_comfyui_has_one(monkeypatch):
+    """0.38.x's main.py applies app.governance's signed policy; the runner does too, and 0.3.64 has none."""
+    assert rw.governance() is None or callable(rw.governance().initialize)
+    stand_in = types.ModuleType("app.governance")
+    stand_in.initialize, stand_in.apply_disabled_nodes = (lambda: None), (lambda disabled: None)
+    monkeypatch.setitem(sys.modules, "app.governance", stand_in)
+    assert rw.governance() is stand_in
+
+
 @pytest.fixture
 def saved_folder_paths():
     """Restore ComfyUI's model folder list after a test that adds to it."""
