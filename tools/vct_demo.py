@@ -64,8 +64,11 @@ def toy_checkpoint(load_trained, weights: Path = WEIGHTS):
 
 
 def card(inputs, result, side: int = CARD_SIDE):
-    """Return a square labelled card: the (label, image) `inputs` side by side joined by "+", an arrow, and the
-    (label, image) `result` below, larger. Images are PIL images or uint8 arrays, scaled without smoothing."""
+    """Return a square card: the labelled `inputs` joined by "+", an arrow, and the labelled `result` below.
+
+    `inputs` is a list of (label, image) and `result` one (label, image), shown larger; images are PIL
+    images or uint8 arrays, scaled without smoothing.
+    """
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 

@@ -44,8 +44,10 @@ _KEEP_FOLDERS = {"configs"}
 
 
 def load_tool(name: str):
-    """Return the pack's tools/<name>.py as module `name`, imported once (the tools are files, not a package;
-    the headless runner loads its siblings under the same names)."""
+    """Return the pack's tools/<name>.py as module `name`, imported once.
+
+    The tools are files, not a package; the headless runner loads its siblings under the same names.
+    """
     import importlib.util
 
     if name in sys.modules:
