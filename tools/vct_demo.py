@@ -129,4 +129,4 @@ def save_card(translation: Path, output_dir) -> Path:
 
 if __name__ == "__main__":
     sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
-             f"see python {Path(__file__).with_name('run_workflow.py')} --demo --help")
+             f"see python {Path(__file__).with_name('run_workflow.py')} --help")

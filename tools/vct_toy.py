@@ -23,14 +23,18 @@ import json
 import sys
 from pathlib import Path
 
-import comfy.ldm.models.autoencoder
-import comfy.model_management
-import comfy.model_patcher
-import comfy.sd
-import comfy.supported_models
-import safetensors
-import safetensors.torch
-import torch
+if __name__ == "__main__":  # before ComfyUI's imports, which fail outside it
+    sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
+             f"see python {Path(__file__).with_name('run_workflow.py')} --help")
+
+import comfy.ldm.models.autoencoder  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import safetensors  # noqa: E402
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
 
 # Width of the tiny text encoder; the tiny UNet's context_dim and `clip_l` embedding files use it.
 TINY_CLIP_WIDTH = 64
@@ -287,8 +291,3 @@ def toy_checkpoint_loader(path, marker, embedding_directory, output_model=True, 
     """Return (model, clip, vae) like a checkpoint loader (None where not asked for)."""
     model, clip, vae = load_trained(Path(path), embedding_directory)
     return (model if output_model else None, clip if output_clip else None, vae if output_vae else None)
-
-
-if __name__ == "__main__":
-    sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
-             f"see python {Path(__file__).with_name('run_workflow.py')} --demo --help")

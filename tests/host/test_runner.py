@@ -100,7 +100,7 @@ def test_the_converter_titles_nodes_as_the_frontend_does(vct_pack):
     assert by_class["ImageScale"].startswith(("Source to", "Reference to"))
 
 
-@pytest.mark.parametrize("module", ["vct_ui_to_api.py", "vct_execute.py"])
+@pytest.mark.parametrize("module", ["vct_ui_to_api.py", "vct_execute.py", "vct_demo.py", "vct_toy.py"])
 def test_the_runners_modules_say_they_are_not_commands(module):
     done = subprocess.run([sys.executable, str(rw.TOOLS_DIR / module), "--help"], capture_output=True, text=True,
                           timeout=60)
