@@ -2,8 +2,6 @@
 
 Supported: ComfyUI 0.3.64 (the pinned test host) through 0.38.x. What differs, and where it is
 handled here:
-- `execution.PromptExecutor` takes `cache_args` (0.38.x reads `cache_args["ram"]` and
-  `["ram_inactive"]` on every prompt) -> `prompt_executor`.
 - Dynamic VRAM (0.38.x on NVIDIA by default): a patcher's `is_dynamic()` is true, its weights stay
   in system memory and every layer casts them per call into device buffers that later layers
   reuse. Autograd would keep views of those buffers for backward and read what a later layer
@@ -19,20 +17,10 @@ load it from its path.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Iterator
 
 import comfy.model_management
 import torch
-
-
-def prompt_executor(execution, server):
-    """Return an `execution.PromptExecutor` for `server` with classic (keep everything) caching, on any version."""
-    kwargs = {"cache_type": execution.CacheType.CLASSIC}
-    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
-        # main.py's values for classic caching: no LRU size, no RAM-pressure limits.
-        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
-    return execution.PromptExecutor(server, **kwargs)
 
 
 def is_dynamic(patcher) -> bool:

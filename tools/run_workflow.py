@@ -5,10 +5,16 @@
         --workflow subject_translation --checkpoint v1-5-pruned-emaonly.safetensors \\
         --source photo.jpg --reference dog.jpg [--set VCTConceptLearn.steps=200] [--cpu]
 
-Exit codes: 0 done (saved image paths on stdout), 1 a node failed, 2 bad arguments or an invalid
-prompt, 130 interrupted. Beside it, vct_ui_to_api.py converts the UI workflow to an API prompt and
-vct_execute.py runs that prompt with ComfyUI's executor. Nothing from ComfyUI is imported at import
-time, only inside functions once `bootstrap()` has run.
+or its demo, which needs no download: the subject-translation workflow on the toy world's trained
+model and two of its images, shipped in tools/demo/, on the CPU (about a minute):
+
+    python ComfyUI/custom_nodes/ComfyUI-VCT/tools/run_workflow.py --comfyui ComfyUI --demo
+
+Exit codes: 0 done (saved image paths on stdout; the demo's result card last), 1 a node failed, 2 bad
+arguments or an invalid prompt, 130 interrupted. Beside it, vct_ui_to_api.py converts the UI workflow
+to an API prompt, vct_execute.py runs that prompt with ComfyUI's executor, and vct_demo.py and
+vct_toy.py hold the demo's model and card. Nothing from ComfyUI is imported at import time, only
+inside functions once `bootstrap()` has run.
 """
 from __future__ import annotations
 
@@ -17,11 +23,13 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 TOOLS_DIR = Path(os.path.abspath(__file__)).parent  # not resolved: the pack may be a symlink in custom_nodes
@@ -53,18 +61,81 @@ def bootstrap(comfyui_path, cpu: bool = False) -> bool:
         raise UsageError(f"ComfyUI at {root} failed to start: {type(e).__name__}: {e}"
                          + ("" if cpu else " (no usable GPU? try --cpu)")) from e
     nodes, server = sys.modules["nodes"], sys.modules["server"]
-    if (root / "extra_model_paths.yaml").is_file():
-        sys.modules["utils.extra_config"].load_extra_path_config(str(root / "extra_model_paths.yaml"))
     if Path(nodes.__file__).resolve() != root / "nodes.py":
         raise UsageError(f"`import nodes` gave {nodes.__file__}, not {root / 'nodes.py'}")
+    policy = governance()
+    if policy is not None:  # as main.py, before paths and packs: a governed build applies its signed policy
+        policy.initialize()
+    load_path_configs(root)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:  # created, not started, as main.py does: custom nodes add routes to PromptServer.instance
-        server.PromptServer(loop)
+        prompt_server(server, loop)
     except Exception as e:  # noqa: BLE001 - a pack needing it then fails to load, and ComfyUI says so
         log.warning("could not create ComfyUI's PromptServer (%s); packs that need it may not load", e)
     loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if policy is not None:  # as main.py after loading nodes: the policy's disabled nodes are removed
+        policy.apply_disabled_nodes(set())
     return True
+
+
+def governance():
+    """Return 0.38.x's `app.governance` (a governed build's signed policy, which main.py applies), else None."""
+    try:
+        module = importlib.import_module("app.governance")
+    except ImportError:  # 0.3.64 has none
+        return None
+    return module if callable(getattr(module, "initialize", None)) else None
+
+
+def load_path_configs(root) -> list[Path]:
+    """Read the model-path files in the ComfyUI folder `root` as 0.38.x's main.py does; return the ones read.
+
+    `extra_paths.yaml` first; when it exists, `extra_model_paths.yaml` is ignored with a warning (main.py's
+    `apply_custom_paths`); otherwise `extra_model_paths.yaml`. Then, as main.py on every version, the output
+    folder's checkpoints, clip, vae, diffusion_models and loras subfolders are added to those model folders.
+    """
+    import folder_paths
+
+    load = importlib.import_module("utils.extra_config").load_extra_path_config
+    newer, older = Path(root) / "extra_paths.yaml", Path(root) / "extra_model_paths.yaml"
+    read = []
+    if newer.is_file():
+        # 0.38.x lets extra_paths.yaml name system folders; older versions' loader takes no such option
+        if "allow_system_dirs" in inspect.signature(load).parameters:
+            load(str(newer), allow_system_dirs=True)
+        else:
+            load(str(newer))
+        read.append(newer)
+        if older.is_file():
+            log.warning("both %s and %s exist; ignoring the deprecated %s, as ComfyUI does", newer.name, older.name,
+                        older.name)
+    elif older.is_file():
+        load(str(older))
+        read.append(older)
+    for name in ("checkpoints", "clip", "vae", "diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.get_output_directory(), name))
+    return read
+
+
+def prompt_server(server, loop):
+    """Create ComfyUI's PromptServer for `loop` (not started) with the arguments this version's constructor takes.
+
+    0.3.64 takes `PromptServer(loop)`; 0.38.x `PromptServer(loop, asset_manager)`, which the runner gives the
+    assets-off manager (no database, no file scans) that 0.38.x's PromptExecutor also uses by default.
+    """
+    if "asset_manager" not in inspect.signature(server.PromptServer).parameters:
+        return server.PromptServer(loop)
+    return server.PromptServer(loop, headless_asset_manager())
+
+
+def headless_asset_manager():
+    """Return 0.38.x's asset manager with assets off (`app.assets.manager.NoAssets`), else its default one."""
+    from comfy.cli_args import args
+
+    manager = importlib.import_module("app.assets.manager")
+    no_assets = getattr(manager, "NoAssets", None)
+    return no_assets(args) if no_assets is not None else manager.default_asset_manager()
 
 
 def ensure_pack_loaded() -> bool:
@@ -96,6 +167,7 @@ conversion = _load_file("vct_ui_to_api", TOOLS_DIR / "vct_ui_to_api.py")
 node_info, _matching, api_prompt_from_file = conversion.node_info, conversion._matching, conversion.api_prompt_from_file
 running = _load_file("vct_execute", TOOLS_DIR / "vct_execute.py")
 UsageError, ExecutionError, validate = running.UsageError, running.ExecutionError, running.validate
+showing = _load_file("vct_demo", TOOLS_DIR / "vct_demo.py")
 
 
 # ---------------------------------------------------------------------------- preparing the prompt
@@ -226,14 +298,41 @@ def build_prompt(workflow, checkpoint, source, reference, overrides=()) -> dict:
 
 # ---------------------------------------------------------------------------- validating and executing
 
-def load_compat():
-    """Return the pack's ComfyUI-version adapter (nodes/compat.py), loaded from its file once ComfyUI is importable."""
-    return _load_file("vct_compat", PACK_ROOT / "nodes" / "compat.py")
-
-
 def execute(prompt: dict, outputs: list[str]) -> list[Path]:
     """Run a validated prompt with ComfyUI's PromptExecutor; return the absolute paths of the saved images."""
-    return running.execute(prompt, outputs, load_compat().prompt_executor)
+    return running.execute(prompt, outputs)
+
+
+def demo(comfyui_path, overrides=()) -> list[Path]:
+    """Run the demo on the CPU: the subject-translation workflow on the toy model and images of tools/demo/.
+
+    Returns the saved translation's path(s), then the path of the result card (source + reference ->
+    translation) written beside them in ComfyUI's output folder. `overrides` apply after the demo's own.
+    """
+    start = time.perf_counter()
+    bootstrap(comfyui_path, cpu=True)  # the toy model is small: the CPU, whatever the machine has
+    ensure_pack_loaded()
+    import folder_paths
+    import torch
+
+    toy_model = _load_file("vct_toy", TOOLS_DIR / "vct_toy.py")  # imports ComfyUI: only after bootstrap
+    threads = torch.get_num_threads()
+    # One thread: the toy model's layers are too small to gain from more, and on a busy machine threads
+    # that wait for each other made the demo ten times slower (52 s against 3.8 s for 50 concept steps).
+    torch.set_num_threads(1)
+    try:
+        with showing.toy_checkpoint(toy_model.load_trained) as checkpoint:
+            prompt = build_prompt(showing.WORKFLOW, checkpoint, showing.SOURCE, showing.REFERENCE,
+                                  [*showing.OVERRIDES, *overrides])
+            saved = execute(prompt, validate(prompt))
+    finally:
+        torch.set_num_threads(threads)
+    if not saved:
+        raise ExecutionError("the demo saved no image")
+    card = showing.save_card(saved[0], folder_paths.get_output_directory())
+    log.info("demo done in %.0f s; the result card (source + reference -> VCT translation): %s",
+             time.perf_counter() - start, card)
+    return [*saved, card]
 
 
 def run(comfyui_path, workflow, checkpoint, source, reference, overrides=(), cpu=False) -> list[Path]:
@@ -252,21 +351,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run a VCT workflow headless with your ComfyUI.")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or str(PACK_ROOT.parents[1]),
                     help="the ComfyUI folder (default: $COMFYUI_PATH, else the one this pack is installed in)")
-    ap.add_argument("--workflow", required=True,
-                    help="subject_translation, style_transfer, controlnet, or a workflow file")
+    ap.add_argument("--demo", action="store_true",
+                    help="run the subject-translation workflow on the toy model and images shipped in tools/demo/, "
+                         "on the CPU (about a minute; no download); prints the saved image and the result card")
+    ap.add_argument("--workflow", help="subject_translation, style_transfer, controlnet, or a workflow file")
     ap.add_argument("--checkpoint", help="a file in ComfyUI's models/checkpoints (default: the workflow's)")
-    ap.add_argument("--source", required=True, help="the image whose structure is kept")
-    ap.add_argument("--reference", required=True, help="the image of the object or style to bring in")
+    ap.add_argument("--source", help="the image whose structure is kept")
+    ap.add_argument("--reference", help="the image of the object or style to bring in")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="CLASS_OR_ID.INPUT=VALUE",
                     help="override a node input, e.g. VCTConceptLearn.steps=200 (repeatable)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI's --cpu)")
     ap.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     args = ap.parse_args(argv)
+    given = [f"--{name}" for name in ("workflow", "checkpoint", "source", "reference") if getattr(args, name)]
+    if args.demo and given:
+        ap.error(f"--demo brings its own workflow, model and images: drop {', '.join(given)}")
+    missing = [f"--{name}" for name in ("workflow", "source", "reference") if not getattr(args, name)]
+    if not args.demo and missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)} (or --demo)")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)  # also when logging was configured before
     try:
-        saved = run(args.comfyui, args.workflow, args.checkpoint, args.source, args.reference, args.overrides,
-                    args.cpu)
+        if args.demo:
+            saved = demo(args.comfyui, args.overrides)
+        else:
+            saved = run(args.comfyui, args.workflow, args.checkpoint, args.source, args.reference, args.overrides,
+                        args.cpu)
     except (UsageError, ExecutionError) as e:
         log.error("error: %s", e)
         return 2 if isinstance(e, UsageError) else 1

@@ -1,13 +1,16 @@
 """Validating and running an API prompt in-process with ComfyUI's own executor, for the headless runner
 (run_workflow.py beside it): per-node log lines and progress, Ctrl-C as ComfyUI's interrupt, the saved
-images' paths as the result. Nothing from ComfyUI is imported at import time.
+images' paths as the result; and the executor built the way the running ComfyUI version wants it
+(`prompt_executor`, also used by the tests). Nothing from ComfyUI is imported at import time.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -21,6 +24,16 @@ class UsageError(Exception):
 
 class ExecutionError(Exception):
     """A node raised while the prompt ran (exit code 1)."""
+
+
+def prompt_executor(execution, server):
+    """Return an `execution.PromptExecutor` for `server` with classic (keep everything) caching, on any version."""
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        # 0.38.x reads cache_args["ram"] and ["ram_inactive"] on every prompt; main.py's values for classic
+        # caching: no LRU size, no RAM-pressure limits.
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    return execution.PromptExecutor(server, **kwargs)
 
 
 def _label(prompt: dict, node_id: str) -> tuple[str, str]:
@@ -88,12 +101,8 @@ def _ctrl_c_interrupts():
         mm.interrupt_current_processing(False)
 
 
-def execute(prompt: dict, outputs: list[str], prompt_executor) -> list[Path]:
-    """Run a validated prompt with ComfyUI's PromptExecutor; return the absolute paths of the saved images.
-
-    `prompt_executor(execution, server)` builds the executor as this ComfyUI version wants it
-    (the pack's nodes/compat.py).
-    """
+def execute(prompt: dict, outputs: list[str]) -> list[Path]:
+    """Run a validated prompt with ComfyUI's PromptExecutor; return the absolute paths of the saved images."""
     import comfy.model_management
     import comfy.utils
     import execution
@@ -136,3 +145,8 @@ def execute(prompt: dict, outputs: list[str], prompt_executor) -> list[Path]:
     results = executor.history_result.get("outputs", {})
     return [Path(folder_paths.get_directory_by_type("output"), item.get("subfolder", ""), item["filename"]).resolve()
             for nid in prompt for item in results.get(nid, {}).get("images", []) if item.get("type") == "output"]
+
+
+if __name__ == "__main__":
+    sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
+             f"see python {Path(__file__).with_name('run_workflow.py')} --help")

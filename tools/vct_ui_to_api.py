@@ -3,11 +3,12 @@
 Widget order comes from each node's own schema (`INPUT_TYPES`, or a V3 node's schema), links are
 resolved through Reroute and PrimitiveNode, and notes, muted and bypassed nodes are handled as the
 frontend does. Needs a bootstrapped ComfyUI (it reads `nodes.NODE_CLASS_MAPPINGS`); imports
-nothing from ComfyUI at import time.
+nothing from ComfyUI at import time. A module of the headless runner (run_workflow.py), not a command.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -25,6 +26,16 @@ def node_info(class_type: str) -> dict:
         return cls.GET_NODE_INFO_V1()
     inputs = cls.INPUT_TYPES()
     return {"input": inputs, "input_order": {k: list(v.keys()) for k, v in inputs.items()}}
+
+
+def display_name(class_type: str) -> str:
+    """Return the name the frontend gives a node of this class: its display name, else the class name."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "GET_NODE_INFO_V1"):  # V3 nodes, as /object_info describes them
+        return cls.GET_NODE_INFO_V1().get("display_name") or class_type
+    return nodes.NODE_DISPLAY_NAME_MAPPINGS.get(class_type) or class_type
 
 
 def widget_layout(class_type: str) -> list[dict]:
@@ -117,7 +128,8 @@ def ui_to_api(workflow: dict, *, keep_bypassed: bool = False) -> dict:
             r = resolve(inp.get("link"))
             if r is not None:  # unresolvable (muted source...): a socket stays unset, a widget keeps its value
                 inputs[inp["name"]] = r[1]
-        prompt[nid] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": n.get("title") or ctype}}
+        # the frontend's `_meta.title` is the node's title, which is its display name until the user renames it
+        prompt[nid] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": n.get("title") or display_name(ctype)}}
     return prompt
 
 
@@ -145,3 +157,8 @@ def api_prompt_from_file(path, **kwargs) -> dict:
     """Return a workflow file as an API prompt (UI format converted, API format as is)."""
     wf = load_workflow(path)
     return ui_to_api(wf, **kwargs) if isinstance(wf.get("nodes"), list) else wf
+
+
+if __name__ == "__main__":
+    sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
+             f"see python {Path(__file__).with_name('run_workflow.py')} --help")

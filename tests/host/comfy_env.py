@@ -36,10 +36,31 @@ from pathlib import Path
 
 HOST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = HOST_DIR.parents[1]
+TOOLS_DIR = REPO_ROOT / "tools"
 PACK_NAME = "ComfyUI-VCT"
 
 # Folders that are only read and hold files shipped with ComfyUI itself (e.g. v1-inference.yaml).
 _KEEP_FOLDERS = {"configs"}
+
+
+def load_tool(name: str):
+    """Return the pack's tools/<name>.py as module `name`, imported once.
+
+    The tools are files, not a package; the headless runner loads its siblings under the same names.
+    """
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def find_comfyui() -> tuple[Path | None, str | None]:

@@ -9,7 +9,7 @@ ComfyUI 0.3.6x signatures this relies on (checked against 0.3.64):
   failures are logged, not raised, and give False);
 - `async execution.validate_prompt(prompt_id, prompt, partial_execution_list) -> (ok, error, outputs, node_errors)`;
 - `execution.PromptExecutor(server, cache_type=False, cache_size=None)` (0.38.x: `cache_args` instead
-  of `cache_size`, required; built through the pack's nodes/compat.py), sync `.execute(prompt,
+  of `cache_size`, required; built by the runner's tools/vct_execute.py), sync `.execute(prompt,
   prompt_id, extra_data, execute_outputs)` (runs `execute_async` with `asyncio.run`, everything
   inside `torch.inference_mode()`), results in `.success`, `.status_messages`, `.history_result`.
 """
@@ -236,7 +236,7 @@ def run_prompt(prompt: dict, *, executor=None, extra_data: dict | None = None, p
 
     dummy = executor.server if executor is not None else DummyServer()
     if executor is None:
-        executor = run_workflow.load_compat().prompt_executor(execution, dummy)
+        executor = run_workflow.running.prompt_executor(execution, dummy)
     extra = {"client_id": "vct-host-tests"}
     extra.update(extra_data or {})
     dummy.last_prompt_id = prompt_id

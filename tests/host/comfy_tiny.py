@@ -1,15 +1,17 @@
-"""Tiny random-weight SD1.5-shaped models built from ComfyUI's own classes, for CPU tests.
+"""Tiny random-weight models built from ComfyUI's own classes, for CPU tests.
 
 ComfyUI builds its modules with `comfy.ops.disable_weight_init` (parameters left as
-`torch.empty`), so every builder here initialises every parameter itself, deterministically from
+`torch.empty`), so every builder initialises every parameter itself, deterministically from
 `seed` (a private torch.Generator; the global RNG is not touched): Linear/Conv/Embedding weights
 kaiming-uniform, norm weights 1, biases 0 (DESIGN.md section 4: GroupNorm weights at 0 make
 the UNet output zeros; weights at std 0.02 leave the conditioning almost without influence).
 
 Builders (all CPU, deterministic for a given seed, usable inside or outside `torch.inference_mode`):
-- `tiny_sd15_model(...) -> comfy.model_patcher.ModelPatcher` (UNet through `SD15.get_model`)
-- `tiny_sd1_clip(embedding_directory, ...) -> comfy.sd.CLIP` (real SD1 tokenizer, tiny CLIP-L)
-- `tiny_vae(...) -> comfy.sd.VAE` (AutoencoderKL, downscale factor 8, 4 latent channels)
+- `tiny_sd15_model(...) -> comfy.model_patcher.ModelPatcher` (UNet through `SD15.get_model`),
+  `tiny_sd1_clip(embedding_directory, ...) -> comfy.sd.CLIP` (real SD1 tokenizer, tiny CLIP-L),
+  `tiny_vae(...) -> comfy.sd.VAE` (AutoencoderKL, downscale factor 8, 4 latent channels) and
+  `init_tiny_weights_`: defined in the pack's tools/vct_toy.py, which the runner's demo uses to
+  build the trained toy model, and re-exported here;
 - `tiny_sd2_model(...)`, `tiny_sd2_clip(...)`: SD2.x (`SD20`, linear proj, OpenCLIP-H `clip_h`,
   v-prediction like a 768-v checkpoint by default); `tiny_sdxl_model(...)`, `tiny_sdxl_clip(...)`:
   SDXL (`model_base.SDXL` with the `y` vector input, `clip_l` + `clip_g`)
@@ -23,167 +25,25 @@ import comfy_env
 import torch
 
 comfy_env.ensure_bootstrapped()
+comfy_env.load_tool("vct_toy")
 
-import comfy.ldm.models.autoencoder  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
-
-# Width of the tiny text encoder; the tiny UNet's context_dim and `clip_l` embedding files use it.
-TINY_CLIP_WIDTH = 64
-
-TINY_CLIP_CONFIG = {
-    "hidden_size": TINY_CLIP_WIDTH,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 2,
-    "projection_dim": TINY_CLIP_WIDTH,
-    # unchanged from comfy/sd1_clip_config.json, repeated for clarity:
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "eos_token_id": 49407,
-}
-
-TINY_VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-    # GroupNorm(32 groups) inside needs multiples of 32 channels; 4 levels = 3 downsamples = factor 8.
-    "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-}
-TINY_VAE_EMBED_DIM = 4
-
-
-# ----------------------------------------------------------------------------------------------
-# initialisation
-# ----------------------------------------------------------------------------------------------
-
-_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)
-
-
-@torch.no_grad()
-def init_tiny_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Initialise every parameter of `module` in place: weights with >= 2 dims (Linear, Conv,
-    Embedding) kaiming-uniform, norm weights 1, all biases 0. Other 1-d/scalar parameters that
-    ComfyUI creates already initialised (e.g. CLIP's `logit_scale`) are left alone; an
-    unrecognised 1-d parameter raises, so no `torch.empty` garbage ever survives.
-    Works on inference tensors inside `torch.inference_mode()` too."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for mod_name, m in module.named_modules():
-        for p_name, p in m.named_parameters(recurse=False):
-            if p_name == "bias":
-                p.zero_()
-            elif isinstance(m, _NORMS) and p_name == "weight":
-                p.fill_(1.0)
-            elif p.ndim >= 2:
-                # generate in fp32 on CPU, then cast: same values whatever the storage dtype/device
-                w = torch.empty(p.shape, dtype=torch.float32)
-                torch.nn.init.kaiming_uniform_(w, generator=gen)
-                p.copy_(w)
-            elif p_name in ("logit_scale",):
-                pass
-            else:
-                raise ValueError(f"don't know how to initialise {mod_name}.{p_name} {tuple(p.shape)}")
-    return module
-
-
-# ----------------------------------------------------------------------------------------------
-# UNet
-# ----------------------------------------------------------------------------------------------
-
-def tiny_sd15_unet_config(model_channels: int = 32, channel_mult=(1, 2), num_res_blocks: int = 1,
-                          attention_levels=(True, True), transformer_depth_middle: int = 1,
-                          num_heads: int = 2, context_dim: int = TINY_CLIP_WIDTH) -> dict:
-    """The `unet_config` dict ComfyUI's model detection would produce for this tiny shape."""
-    levels = len(channel_mult)
-    assert len(attention_levels) == levels
-    return {
-        # what comfy.model_detection.detect_unet_config always sets for SD-style UNets
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        # what it detects from the weights
-        "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
-        "num_res_blocks": [num_res_blocks] * levels,
-        "transformer_depth": [int(a) for a in attention_levels for _ in range(num_res_blocks)],
-        "transformer_depth_output": [int(a) for a in attention_levels for _ in range(num_res_blocks + 1)],
-        "channel_mult": list(channel_mult),
-        "transformer_depth_middle": transformer_depth_middle,
-        "use_linear_in_transformer": False,  # SD1.x: conv proj_in/proj_out
-        "context_dim": context_dim,
-        "adm_in_channels": None,
-        "use_temporal_resblock": False, "use_temporal_attention": False,
-        # SD15.unet_extra_config sets num_heads=8, num_head_channels=-1; overridden below
-        "num_heads": num_heads, "num_head_channels": -1,
-    }
-
-
-def tiny_sd15_model(seed: int = 0, dtype: torch.dtype | None = None, **unet_kwargs) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around a tiny SD1.5-shaped UNet (eps prediction, SD1.5 latent format and
-    scaled-linear 1000-step schedule), built the way `comfy.sd.load_state_dict_guess_config` builds
-    a checkpoint's model: `comfy.supported_models.SD15(unet_config)`, `set_inference_dtype`,
-    `model_config.get_model(...)` -> `comfy.model_base.BaseModel`, then `ModelPatcher`.
-    `model.model.apply_model(x, sigma, c_crossattn=...)` returns the denoised latent;
-    `model.get_model_object("model_sampling")`, `model.model.latent_format` behave like SD1.5.
-
-    Default shape (model_channels 32, channel_mult (1, 2), one res block per level, one
-    SpatialTransformer after every res block, heads 2, context_dim 64):
-
-        input_blocks:  0 conv_in | 1 Res+ST (level 0) | 2 Downsample | 3 Res+ST (level 1)
-        middle_block:  Res, ST, Res                       (level 1)
-        output_blocks: 0 Res+ST, 1 Res+ST+Upsample (level 1) | 2 Res+ST, 3 Res+ST (level 0)
-
-    Attention-patch keys (block_name, block_id, index in the ST) for attn1 and attn2:
-        ("input", 1, 0), ("output", 2, 0), ("output", 3, 0)   -> level 0: H*W query tokens, dim_head 16
-        ("input", 3, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)
-                                                           -> level 1: (H/2)*(W/2) tokens, dim_head 32
-    for a latent of H x W (image 8H x 8W with `tiny_vae`). E.g. latent 16x16: 256 and 64 query
-    tokens; latent 8x8: 64 and 16. Cross-attention keys/values: 77 tokens (one CLIP chunk)
-    of width 64. (Real SD1.5 at 64x64 latents: 4096, 1024, 256 tokens and 64 in the middle.)
-    """
-    unet_config = tiny_sd15_unet_config(**unet_kwargs)
-    model_config = comfy.supported_models.SD15(unet_config)
-    model_config.unet_config["num_heads"] = unet_config["num_heads"]
-    model_config.unet_config["num_head_channels"] = unet_config["num_head_channels"]
-    load_device = comfy.model_management.get_torch_device()
-    if dtype is None:  # ComfyUI's choice for this device (fp32 on CPU)
-        dtype = comfy.model_management.unet_dtype(model_params=0,
-                                                  supported_dtypes=list(model_config.supported_inference_dtypes))
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model_config.custom_operations = None
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
-    init_tiny_weights_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
-# ----------------------------------------------------------------------------------------------
-# text encoder
-# ----------------------------------------------------------------------------------------------
-
-def tiny_sd1_clip(embedding_directory=None, seed: int = 1, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
-    """A `comfy.sd.CLIP` with exactly the classes an SD1.5 checkpoint gets
-    (`SD15.clip_target()`: `sd1_clip.SD1Tokenizer` with the real tokenizer files from
-    comfy/sd1_tokenizer, and `sd1_clip.SD1ClipModel` -> `SD1CheckpointClipModel` -> `SDClipModel`
-    -> `clip_model.CLIPTextModel`), but a 2-layer, 64-wide, 2-head transformer (vocab 49408,
-    77 positions). The tiny size goes in through ComfyUI's own per-encoder config override
-    `model_options["clip_l_model_config"]`, which is merged into comfy/sd1_clip_config.json -
-    the effective `textmodel_json_config` is `TINY_CLIP_CONFIG`.
-
-    `embedding_directory` (str or list) is where `embedding:NAME` files are looked up (the real
-    CheckpointLoaderSimple passes `folder_paths.get_folder_paths("embeddings")`); files must hold
-    a `clip_l` tensor [n, 64] (or a single tensor). `dtype=None` lets ComfyUI choose (fp16 weights
-    on CPU, computed in fp32 through `comfy.ops.manual_cast`, as with a real checkpoint)."""
-    target = comfy.supported_models.SD15(tiny_sd15_unet_config()).clip_target()
-    model_options = {"clip_l_model_config": dict(TINY_CLIP_CONFIG)}
-    if dtype is not None:
-        model_options["dtype"] = dtype
-    n_params = 2 * (49408 + 77) * TINY_CLIP_WIDTH
-    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, tokenizer_data={},
-                         parameters=n_params, model_options=model_options)
-    init_tiny_weights_(clip.cond_stage_model, seed)
-    return clip
-
+from vct_toy import (  # noqa: E402, F401 - re-exported for the tests
+    TINY_CLIP_CONFIG,
+    TINY_CLIP_WIDTH,
+    TINY_VAE_DDCONFIG,
+    TINY_VAE_EMBED_DIM,
+    init_tiny_weights_,
+    tiny_sd1_clip,
+    tiny_sd15_model,
+    tiny_sd15_unet_config,
+    tiny_vae,
+    tiny_vae_state_dict,
+)
 
 # ----------------------------------------------------------------------------------------------
 # SD2.x and SDXL
@@ -360,25 +220,3 @@ def tiny_sdxl_clip(embedding_directory=None, seed: int = 1, dtype: torch.dtype |
                      "clip_g_model_config": dict(TINY_SDXL_CLIP_G_CONFIG)}
     n_params = 2 * (49408 + 77) * TINY_SDXL_CONTEXT_DIM
     return _tiny_clip(target, model_options, n_params, embedding_directory, seed, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# VAE
-# ----------------------------------------------------------------------------------------------
-
-def tiny_vae_state_dict(seed: int = 2) -> dict:
-    """Initialised weights of the tiny AutoencoderKL (keys as in a checkpoint's VAE part)."""
-    ae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(TINY_VAE_DDCONFIG), embed_dim=TINY_VAE_EMBED_DIM)
-    init_tiny_weights_(ae, seed)
-    return {k: v.detach().clone() for k, v in ae.state_dict().items()}
-
-
-def tiny_vae(seed: int = 2) -> comfy.sd.VAE:
-    """A `comfy.sd.VAE` wrapping ComfyUI's AutoencoderKL (Encoder/Decoder of the SD VAE) with
-    ch 32, ch_mult [1,1,1,1], one res block per level, 4 latent channels: the downscale factor is
-    8 like SD1.5 (`vae.downscale_ratio == 8`), so EmptyLatentImage/VAEEncode/VAEDecode shapes match
-    real SD1.5 (image 32x32 <-> latent 4x4). ~0.3 M parameters, fp32 on CPU. Built through
-    `VAE(sd=..., config=...)` because ComfyUI's state-dict detection assumes the full-size SD VAE.
-    VAEEncode returns the posterior mode (mean), not a sample."""
-    config = {"params": {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": TINY_VAE_EMBED_DIM}}
-    return comfy.sd.VAE(sd=tiny_vae_state_dict(seed), config=config)

@@ -185,10 +185,10 @@ def test_prompts_run_with_an_executor_that_requires_cache_args(vct_pack, comfy_s
 
 
 def test_the_executor_is_built_for_the_constructor_it_has(monkeypatch):
-    compat = comfy_runner.run_workflow.load_compat()
-    assert type(compat.prompt_executor(execution, comfy_runner.DummyServer())) is execution.PromptExecutor
+    build = comfy_runner.run_workflow.running.prompt_executor  # tools/vct_execute.py
+    assert type(build(execution, comfy_runner.DummyServer())) is execution.PromptExecutor
     monkeypatch.setattr(execution, "PromptExecutor", CacheArgsExecutor)
-    executor = compat.prompt_executor(execution, comfy_runner.DummyServer())
+    executor = build(execution, comfy_runner.DummyServer())
     assert executor.cache_args == {"lru": 0, "ram": 0, "ram_inactive": 0}
 
 

@@ -4,7 +4,7 @@ A few tasks of the task set run through the real nodes in ComfyUI's executor wit
 defaults (tests/quality/harness.py), beside the ablations and baselines. The thresholds come from
 the benchmark's measurements (`tests/benchmarks/bench_quality.py`, README "Does it work?"), each
 with its margin stated where it is asserted. The toy model's weights are committed
-(tests/quality/weights/); without them this module fails rather than train for 15 minutes.
+(tools/demo/, beside the runner's demo); without them this module fails rather than train for 15 minutes.
 """
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ import toy_model  # noqa: E402
 
 TASKS = (0, 1, 2, 3, 4, 5)
 RECONSTRUCTION_TASKS = (0,)
+
+def test_the_demo_ships_the_recipes_trained_weights():
+    """The runner's demo (tools/vct_demo.py) loads the file the recipe names, where weights_path finds it."""
+    demo = running.comfy_runner.run_workflow.showing
+    assert demo.WEIGHTS.name == toy_model.weights_name()
+    assert toy_model.weights_path(train_if_missing=False) == demo.WEIGHTS
+
 
 # Thresholds: measured on TASKS with concept-learning seeds 0 and 1 (bench_quality.py --tasks 6
 # [--seed 1]); each assertion states the two measurements and leaves about half the smaller gap,

@@ -55,9 +55,9 @@ def test_example_workflows_hold_only_templates_and_their_thumbnails():
     assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
     assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
     for stem in stems:
-        # The frontend asks for `<name>.jpg`: a real JPEG with a picture in it, large enough for a card.
+        # The frontend asks for `<name>.jpg`: a real JPEG with a picture in it, square like its template cards.
         with Image.open(TEMPLATES / f"{stem}.jpg") as thumbnail:
-            assert thumbnail.format == "JPEG" and thumbnail.width >= 256 and thumbnail.height >= 128, stem
+            assert thumbnail.format == "JPEG" and thumbnail.size == (512, 512), stem
             low, high = thumbnail.convert("L").getextrema()
             assert high - low > 100, f"{stem}.jpg is nearly uniform"
 
@@ -74,6 +74,21 @@ def test_templates_link_their_models_for_the_missing_models_dialog(path):
             assert model["directory"] == ("checkpoints" if node["type"] == "CheckpointLoaderSimple" else "controlnet")
             assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
     assert {m["name"] for m in workflow["models"]} == {n["widgets_values"][0] for n in loaders}
+
+
+def test_templates_name_only_images_comfyui_ships(comfy_session):
+    """A fresh ComfyUI opens each template with no missing image: every LoadImage names ComfyUI's own example."""
+    shipped = {p.name for p in (comfy_session.comfyui_path / "input").iterdir()}
+    for path in WORKFLOWS:
+        names = {n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"] if n["type"] == "LoadImage"}
+        assert names == {"example.png"}, path.name
+        assert names <= shipped, f"{path.name}: {sorted(names - shipped)} not in ComfyUI's input/ ({sorted(shipped)})"
+
+
+def test_templates_save_under_their_own_prefix():
+    prefixes = [n["widgets_values"][0] for path in WORKFLOWS for n in json.loads(path.read_text())["nodes"]
+                if n["type"] == "SaveImage"]
+    assert len(prefixes) == len(WORKFLOWS) == len(set(prefixes)), prefixes
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

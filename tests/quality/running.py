@@ -115,7 +115,7 @@ class Runner:
     def __init__(self, input_dir: Path, counter: PassCounter) -> None:
         self.input_dir = Path(input_dir)
         self.server = TimedServer(counter)
-        self.executor = comfy_runner.run_workflow.load_compat().prompt_executor(execution, self.server)
+        self.executor = comfy_runner.run_workflow.running.prompt_executor(execution, self.server)
 
     def run(self, task: Task, settings: Settings = Settings(), groups: tuple[str, ...] = ("main",),
             text_tokens: int = 4) -> Outcome:

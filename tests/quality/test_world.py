@@ -59,3 +59,16 @@ def test_iou():
     b[1:3] = True
     assert world.iou(a, b) == pytest.approx(4 / 12)
     assert world.iou(a, a) == 1.0
+
+
+def test_the_demo_inputs_are_the_subject_tasks_scenes():
+    """tools/demo/source.png and reference.png are the subject thumbnail's task, rendered at 128 px (8 px a pixel)."""
+    import thumbnails
+    from PIL import Image
+
+    rendered = thumbnails.demo_inputs(thumbnails.ROWS["VCT subject translation"])
+    assert sorted(rendered) == ["reference.png", "source.png"]
+    for name, picture in rendered.items():
+        assert picture.shape == (128, 128, 3)
+        with Image.open(thumbnails.demo_module().DEMO_DIR / name) as shipped:
+            assert np.array_equal(np.asarray(shipped.convert("RGB")), picture), name

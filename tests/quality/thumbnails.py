@@ -1,24 +1,31 @@
 #!/usr/bin/env python3
-"""Write the template thumbnails of the shipped workflows, and the pack's icon, from the toy world's result grid.
+"""Write the template thumbnails of the shipped workflows, the pack's icon, and the demo's two input images.
 
     python tests/quality/thumbnails.py [--grid docs/toy_world_grid.png]
 
 The grid is what `tests/benchmarks/bench_quality.py --grid` writes from a real run of the pack's
-nodes on the trained toy model: one task per row, columns source, reference, VCT, then two
-baselines, 64 px cells 4 px apart. Each thumbnail shows one task's source, reference and VCT
-output, labelled, two to a line so that it fills the frontend's square template card; the
-ControlNet template's also shows the source's edge map, which its ControlNet follows. ComfyUI
+nodes on the trained toy model: one task per row (the task set's first tasks, in order), columns
+source, reference, VCT, then two baselines, 64 px cells 4 px apart. Each thumbnail is a 512 px
+square card, as the frontend's template cards are square: one task's source and reference, labelled
+and joined by "+", an arrow, and the VCT output below (the card the runner's demo draws too,
+tools/vct_demo.py). The ControlNet template's also shows the source's edge map, which its
+ControlNet follows (the toy model has no ControlNet, so its result is the same run's). ComfyUI
 serves a thumbnail as `<workflow name>.jpg` beside the workflow. The icon (`docs/icon.png`, the
 Icon of pyproject.toml's registry section) shows the subject task as "source + reference ->
-VCT" on a square.
+VCT" on a square. The demo's inputs (tools/demo/source.png, reference.png) are the subject task's
+scenes rendered by world.py at 128 px.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from pathlib import Path
 
+import harness
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+import world
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[2]
 CELL, GAP = 64, 4
@@ -46,29 +53,32 @@ def edges(tile: np.ndarray) -> np.ndarray:
     return np.repeat(mask[:, :, None], 3, axis=2)
 
 
-def thumbnail(grid: np.ndarray, row: int, scale: int = 2, with_edges: bool = False) -> Image.Image:
-    """Return a grid row's labelled tiles, two per line, on a near-square card: source and reference (or
-    source and edges, then reference and VCT), the VCT output centred below when the count is odd."""
-    side, pad, label_h = CELL * scale, 16, 28
-    tiles = [cell(grid, row, column) for column in range(len(LABELS))]
-    labels = list(LABELS)
+def demo_module():
+    """Return the pack's tools/vct_demo.py (the card drawing and the demo's file names), imported once."""
+    if "vct_demo" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("vct_demo", ROOT / "tools" / "vct_demo.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["vct_demo"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["vct_demo"]
+
+
+def thumbnail(grid: np.ndarray, row: int, with_edges: bool = False) -> Image.Image:
+    """Return a grid row's 512 px square card: source + reference (after the source's edges, if asked) -> VCT."""
+    source, reference, result = (cell(grid, row, column) for column in range(len(LABELS)))
+    inputs = [("source", source), ("reference", reference)]
     if with_edges:
-        tiles.insert(1, edges(tiles[0]))
-        labels.insert(1, "edges")
-    lines = (len(tiles) + 1) // 2
-    width, line_h = 2 * side + 3 * pad, side + label_h
-    image = Image.new("RGB", (width, lines * line_h + (lines + 1) * pad - pad // 2), (32, 32, 32))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=20)
-    for index, (label, array) in enumerate(zip(labels, tiles)):
-        line, column = divmod(index, 2)
-        alone = index == len(tiles) - 1 and len(tiles) % 2  # the last of an odd count: centred
-        x = (width - side) // 2 if alone else pad + column * (side + pad)
-        y = pad + line * (line_h + pad)
-        image.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
-        box = draw.textbbox((0, 0), label, font=font)
-        draw.text((x + (side - (box[2] - box[0])) / 2, y + side + 3), label, fill=(235, 235, 235), font=font)
-    return image
+        inputs.insert(1, ("edges", edges(source)))
+    return demo_module().card(inputs, ("VCT", result))
+
+
+def demo_inputs(task: int) -> dict:
+    """Return {file: uint8 picture} of a task's source and reference, rendered at 128 px as the toy model sees them."""
+    chosen = harness.task_set()[task]
+    scale = 8  # the toy model's latent factor: one world pixel per latent position
+    return {name: np.round(np.repeat(np.repeat(np.asarray(world.render(scene), dtype=np.float32), scale, 0), scale, 1)
+                           * 255).astype(np.uint8)
+            for name, scene in (("source.png", chosen.source), ("reference.png", chosen.reference))}
 
 
 def icon(grid: np.ndarray, row: int = 0, side: int = 400) -> Image.Image:
@@ -93,7 +103,7 @@ def icon(grid: np.ndarray, row: int = 0, side: int = 400) -> Image.Image:
 
 
 def main(argv=None) -> int:
-    """Write one JPEG per shipped workflow into example_workflows/ and the icon into docs/."""
+    """Write one JPEG per shipped workflow into example_workflows/, the icon into docs/, the demo's inputs."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", type=Path, default=ROOT / "docs" / "toy_world_grid.png")
     args = ap.parse_args(argv)
@@ -105,6 +115,11 @@ def main(argv=None) -> int:
     path = ROOT / "docs" / "icon.png"
     icon(grid, ROWS["VCT subject translation"]).save(path, optimize=True)
     print(path)
+    demo = demo_module()
+    for name, picture in demo_inputs(ROWS["VCT subject translation"]).items():
+        path = demo.DEMO_DIR / name
+        Image.fromarray(picture).save(path, optimize=True)
+        print(path)
     return 0
 
 

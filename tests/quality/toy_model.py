@@ -1,6 +1,8 @@
 """The toy world's model: an SD1.5-architecture checkpoint, tiny, trained on the world on the CPU.
 
-Built from ComfyUI's own classes (through `tests/host/comfy_tiny.py`):
+Built from ComfyUI's own classes; the definition (model builders, latent encoding, loading a
+trained file) is the pack's `tools/vct_toy.py`, which the headless runner's demo uses too, and the
+recipe and training are here:
 - UNet: `comfy.supported_models.SD15`, 32 channels, three levels (32/64/64 channels) with self-
   and cross-attention at every level and in the middle; eps prediction, SD1.5's schedule.
 - Text encoder: ComfyUI's SD1 CLIP classes and real tokenizer, 2 layers, 64 wide, random and
@@ -17,8 +19,9 @@ unconditional model to work with), an exponential moving average of the weights 
 result. Reproducible from the recipe's seed on one machine; about 15 minutes on 2 CPU cores.
 
 Weights are cached under a name derived from the recipe (`weights_name`): first in
-`tests/quality/weights/` (committed), then in the user cache folder (`VCT_CACHE`, default
-`~/.cache/comfyui-vct`), where a missing file is trained and written atomically.
+`tools/demo/` (committed there, beside the demo that ships them to users), then in the user cache
+folder (`VCT_CACHE`, default `~/.cache/comfyui-vct`), where a missing file is trained and written
+atomically.
 """
 from __future__ import annotations
 
@@ -45,21 +48,27 @@ import comfy_env  # noqa: E402
 comfy_env.ensure_bootstrapped()
 
 import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy_tiny  # noqa: E402
 import safetensors.torch  # noqa: E402
+
+vct_toy = comfy_env.load_tool("vct_toy")  # the model's definition, which the runner's demo uses too
+from vct_toy import (  # noqa: E402, F401 - re-exported for the tests
+    LATENT_FACTOR,
+    PICTURE_OFFSET,
+    PICTURE_SCALE,
+    SD15_LATENT_SCALE,
+    PictureLatent,
+    latent_to_picture,
+    load_trained,
+    picture_to_latent,
+    picture_vae,
+    toy_checkpoint_loader,
+)
 
 log = logging.getLogger("vct-toy")
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# The committed weights live with the runner's demo, which users run (tests/ is not in a registry archive).
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "tools" / "demo"
 WORLD_VERSION = 1  # bump when world.py changes what it renders
-SD15_LATENT_SCALE = 0.18215  # the latent format's scale factor, which VAEEncode's output is divided by
-LATENT_FACTOR = 8
-# The picture is centred on the background's grey and scaled, so that the latent is near zero
-# where most pixels are and spreads about as wide as an SD latent.
-PICTURE_OFFSET, PICTURE_SCALE = 0.8, 3.5
 
 RECIPE = {
     "world": WORLD_VERSION,
@@ -89,46 +98,6 @@ def weights_name(recipe: dict = RECIPE) -> str:
 # building blocks
 # ----------------------------------------------------------------------------------------------
 
-def picture_to_latent(picture: torch.Tensor) -> torch.Tensor:
-    """Return the working-space latents of pictures `[B, 3, S, S]` in [0, 1] (centred, scaled, a zero channel added)."""
-    latent = (picture.float() - PICTURE_OFFSET) * PICTURE_SCALE
-    return torch.cat([latent, torch.zeros_like(latent[:, :1])], dim=1)
-
-
-def latent_to_picture(latent: torch.Tensor) -> torch.Tensor:
-    """Return the pictures `[B, 3, S, S]` in [0, 1] of working-space latents `[B, 4, S, S]`."""
-    return (latent[:, :3].float() / PICTURE_SCALE + PICTURE_OFFSET).clamp(0, 1)
-
-
-class PictureLatent(torch.nn.Module):
-    """The fixed latent encoding: the 8x8 means of the picture, centred and scaled, in channels 0-2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # ComfyUI's model management sizes and moves modules by their tensors; give it one.
-        self.register_buffer("latent_scale", torch.tensor(SD15_LATENT_SCALE))
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Return VAE-space latents `[B, 4, H/8, W/8]` of images `[B, 3, H, W]` in [-1, 1]."""
-        picture = (torch.nn.functional.avg_pool2d(pixels.float(), LATENT_FACTOR) + 1) / 2
-        return (picture_to_latent(picture) / self.latent_scale).to(pixels.dtype)
-
-    def decode(self, latent: torch.Tensor, **_) -> torch.Tensor:
-        """Return images `[B, 3, 8H, 8W]` in [-1, 1] from VAE-space latents."""
-        picture = latent_to_picture(latent.float() * self.latent_scale) * 2 - 1
-        return picture.repeat_interleave(LATENT_FACTOR, -2).repeat_interleave(LATENT_FACTOR, -1)
-
-
-def picture_vae() -> comfy.sd.VAE:
-    """Return a `comfy.sd.VAE` whose first stage is the fixed `PictureLatent` encoding."""
-    vae = comfy_tiny.tiny_vae()
-    vae.first_stage_model = PictureLatent().eval()
-    vae.patcher = comfy.model_patcher.ModelPatcher(
-        vae.first_stage_model, load_device=vae.device, offload_device=comfy.model_management.vae_offload_device()
-    )
-    return vae
-
-
 def image_to_latent(image: np.ndarray) -> torch.Tensor:
     """Return the working-space latent `[1, 4, S, S]` of a world image `[S, S, 3]` (what the UNet sees)."""
     return picture_to_latent(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None])
@@ -154,13 +123,7 @@ def from_pixels(pixels: torch.Tensor) -> np.ndarray:
 
 def build(recipe: dict = RECIPE, embedding_directory=None):
     """Return an untrained (model, clip, vae) of the recipe's architecture (model weights random)."""
-    unet = recipe["unet"]
-    model = comfy_tiny.tiny_sd15_model(
-        seed=recipe["seed"], model_channels=unet["model_channels"], channel_mult=tuple(unet["channel_mult"]),
-        attention_levels=tuple(unet["attention_levels"]),
-    )
-    clip = comfy_tiny.tiny_sd1_clip(embedding_directory, seed=recipe["clip_seed"])
-    return model, clip, picture_vae()
+    return vct_toy.build(recipe, embedding_directory)
 
 
 def encode_text(clip, text: str) -> torch.Tensor:
@@ -275,24 +238,6 @@ def weights_path(recipe: dict = RECIPE, train_if_missing: bool = True) -> Path:
                                 metadata=_metadata(recipe, time.time() - start))
     partial.replace(cached)
     return cached
-
-
-def load_trained(path: Path, embedding_directory=None):
-    """Return (model, clip, vae) of the toy checkpoint at `path`, the UNet holding its trained weights."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        marker = json.loads((f.metadata() or {})["comfyui_vct_tiny"])
-    model, clip, vae = build(marker["recipe"], embedding_directory)
-    weights = safetensors.torch.load_file(str(path))
-    unet = model.model.diffusion_model
-    unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
-    unet.eval()
-    return model, clip, vae
-
-
-def toy_checkpoint_loader(path, marker, embedding_directory, output_model=True, output_clip=True, output_vae=True):
-    """Return (model, clip, vae) like a checkpoint loader, for the checkpoint-loader patch of the host tier."""
-    model, clip, vae = load_trained(Path(path), embedding_directory)
-    return (model if output_model else None, clip if output_clip else None, vae if output_vae else None)
 
 
 if __name__ == "__main__":  # train (or find) the weights and print where they are
