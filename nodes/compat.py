@@ -11,8 +11,8 @@ handled here:
   evict on demand, which `comfy.model_management.get_free_memory` does not -> `free_memory`.
 - `comfy.model_management.in_training` (0.38.x) selects differentiable kernels -> `training_kernels`.
 
-This file imports only ComfyUI and torch, never the rest of the pack, so the headless runner can
-load it from its path.
+What differs for the headless runner (the executor's `cache_args`, PromptServer's asset manager,
+config files) lives with the runner in tools/.
 """
 from __future__ import annotations
 
