@@ -73,6 +73,21 @@ def model_cond(model, conditioning, name: str, latent_shape, prompt_type: str = 
     return {key: value.cond.detach().float().cpu() for key, value in out.items()}
 
 
+# The CLIP tokenizers of every supported family (SD1.x, SD2.x, SDXL) encode a prompt in chunks of 77
+# tokens (75 plus the start and end tokens); VCT's concept prompts are always one chunk.
+CHUNK_TOKENS = 77
+
+
+def check_one_chunk(conditioning, name: str) -> None:
+    """Raise ValueError when a CONDITIONING spans more than one CLIP chunk (its text is over 75 tokens)."""
+    tokens = conditioning[0][0].shape[1]
+    if tokens > CHUNK_TOKENS:
+        raise ValueError(
+            f"{name} encodes to {tokens} tokens, more than one {CHUNK_TOKENS}-token chunk: its text is longer than "
+            "75 tokens. VCT aligns it with a concept prompt of one chunk, so shorten it to at most 75 tokens"
+        )
+
+
 def context_width(model) -> Optional[int]:
     """Return the cross-attention width the model expects, when its config says."""
     return model.model.model_config.unet_config.get("context_dim")

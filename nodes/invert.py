@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import comfy.model_management
 import torch
@@ -15,6 +16,7 @@ from .payloads import Inversion, InversionData, stack_steps
 from .plots import loss_curve
 
 MAX_STEPS = 1000
+log = logging.getLogger("ComfyUI-VCT")
 
 
 @contextlib.contextmanager
@@ -61,7 +63,9 @@ class VCTDDIMInvert(io.ComfyNode):
                                       "(CLIPTextEncode with no text); for a non-empty one use VCT Concept Prompt, "
                                       "so the sampler can align its words with the concept prompt's."),
                 io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="DDIM steps (50 in the paper). "
-                             "Every VCT node downstream uses the same schedule."),
+                             "Every VCT node downstream uses the same schedule. Steps that do not divide 1000 "
+                             "stop short of the usual top (400 steps at t = 798, 600 at t = 599), as in the "
+                             "reference."),
             ],
             outputs=[
                 Inversion.Output("inversion", display_name="inversion",
@@ -80,10 +84,15 @@ class VCTDDIMInvert(io.ComfyNode):
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
         z0 = inputs.latent_in(model, latent, "latent")
         cond = inputs.model_cond(model, conditioning, "conditioning", z0.shape, allow=("control",))
+        inputs.check_one_chunk(conditioning, f"{node}: conditioning (the source prompt)")
         # A ControlNet on the source prompt stays with the inversion: null-text inversion and B* in
         # the sampler run with it, so B* still rebuilds the source.
         control = conditioning[0][1].get("control")
         sigmas = vct_ops.ddim_sigmas(host.train_sigmas(model), steps)
+        train_steps = host.train_sigmas(model).numel()
+        if train_steps % steps:  # leading spacing, as the reference: the schedule tops out below t = 999 - ratio
+            log.warning("%s: %d steps do not divide %d; the inversion stops at t = %d, short of the usual top",
+                        node, steps, train_steps, (steps - 1) * (train_steps // steps))
         device = model.load_device
         progress = host.Progress(steps)
         with controls_ready(model, [control]) as control_models:
