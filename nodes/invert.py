@@ -179,7 +179,7 @@ class VCTNullTextInvert(io.ComfyNode):
             start = inversion.source_cond if method == "negative_prompt" else init
             result = vct_ops.fixed_null_embeddings(start, inversion.steps)
             tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings), null_losses=[],
-                                        method=method, cfg=cfg)
+                                        null_iterations=result.iterations, method=method, cfg=cfg)
             return io.NodeOutput(tuned, loss_curve([], f"{method}: no optimisation"))
         device = model.load_device
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
@@ -204,6 +204,7 @@ class VCTNullTextInvert(io.ComfyNode):
                     progress=host.Progress(inversion.steps * inner_steps),
                 )
         tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings),
-                                    null_losses=result.losses, method="null_text", cfg=cfg)
+                                    null_losses=result.losses, null_iterations=result.iterations, method="null_text",
+                                    cfg=cfg)
         plot = loss_curve(result.losses, "null-text loss per step")
         return io.NodeOutput(tuned, plot)

@@ -175,7 +175,7 @@ def encode_prompt(encoders: list[TextEncoder], text: str, vectors: dict | None) 
         tokens[e.key] = [e_tokens]
         # An embedding:NAME that this encoder cannot read (no vectors of its width, or none at all) is
         # dropped by ComfyUI, which moves every later token: the recorded layout would be wrong.
-        unreadable = any(torch.is_tensor(t) and t.shape[-1] != e.width for t, _ in e_tokens)
+        unreadable = any(torch.is_tensor(t) and t.shape[-1] != e.width for t, *_ in e_tokens)
         if unreadable or (layout is not None and [is_concept_id(t) for t in e_layout]
                           != [is_concept_id(t) for t in layout]):
             raise ValueError(
