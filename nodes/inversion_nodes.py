@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import comfy.model_management
 from comfy_api.latest import io
@@ -9,12 +10,13 @@ from comfy_api.latest import io
 from .. import vct_ops
 from . import arch, progress, tokens
 from .model import denoiser, identity, training
-from .model.conditioning import BranchConditioning, latent_in, latent_out, model_cond
+from .model.conditioning import BranchConditioning, check_one_chunk, latent_in, latent_out, model_cond
 from .model.controls import ALL_ROWS, controls_ready
 from .payloads import ContentMethod, Inversion, InversionData, stack_steps
 from .plots import loss_curve
 
 MAX_STEPS = 1000
+log = logging.getLogger("ComfyUI-VCT")
 
 
 class VCTDDIMInvert(io.ComfyNode):
@@ -37,7 +39,9 @@ class VCTDDIMInvert(io.ComfyNode):
                                       "(CLIPTextEncode with no text); for a non-empty one use VCT Concept Prompt, "
                                       "so the sampler can align its words with the concept prompt's."),
                 io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="DDIM steps (50 in the paper). "
-                             "Every VCT node downstream uses the same schedule."),
+                             "Every VCT node downstream uses the same schedule. Steps that do not divide 1000 "
+                             "stop short of the usual top (400 steps at t = 798, 600 at t = 599), as in the "
+                             "reference."),
             ],
             outputs=[
                 Inversion.Output("inversion", display_name="inversion",
@@ -56,7 +60,12 @@ class VCTDDIMInvert(io.ComfyNode):
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
         z0 = latent_in(model, latent, "latent")
         source = BranchConditioning.read(model, conditioning, "conditioning", z0.shape)
-        sigmas = vct_ops.ddim_sigmas(identity.train_sigmas(model), steps)
+        check_one_chunk(conditioning, f"{node}: conditioning (the source prompt)")
+        train_sigmas = identity.train_sigmas(model)
+        sigmas = vct_ops.ddim_sigmas(train_sigmas, steps)
+        if train_sigmas.numel() % steps:  # leading spacing, as the reference: the schedule tops out below t = 999
+            log.warning("%s: %d steps do not divide %d; the inversion stops at t = %d, short of the usual top",
+                        node, steps, train_sigmas.numel(), (steps - 1) * (train_sigmas.numel() // steps))
         device = model.load_device
         # A ControlNet on the source prompt stays with the inversion: null-text inversion and B* in
         # the sampler run with it, so B* still rebuilds the source.
@@ -140,7 +149,7 @@ class VCTNullTextInvert(io.ComfyNode):
             start = inversion.source_cond if method.traits.nulls_from_source else init
             result = vct_ops.fixed_null_embeddings(start, inversion.steps)
             tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings), null_losses=[],
-                                        method=method, cfg=cfg)
+                                        null_iterations=result.iterations, method=method, cfg=cfg)
             return io.NodeOutput(tuned, loss_curve([], f"{method.value}: no optimisation"))
         device = model.load_device
         # Checkpointed when a one-row training pass would not fit (the cond row runs without grad).
@@ -158,7 +167,8 @@ class VCTNullTextInvert(io.ComfyNode):
                 progress=progress.Progress(inversion.steps * inner_steps),
             )
         tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings),
-                                    null_losses=result.losses, method=method, cfg=cfg)
+                                    null_losses=result.losses, null_iterations=result.iterations, method=method,
+                                    cfg=cfg)
         return io.NodeOutput(tuned, loss_curve(result.losses, "null-text loss per step"))
 
 

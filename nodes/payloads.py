@@ -57,6 +57,7 @@ class InversionData:
     family: str
     null_embeddings: Optional[dict] = None  # like source_cond, each tensor with a leading step dimension
     null_losses: Optional[list] = None
+    null_iterations: Optional[list] = None  # the optimiser iterations each null-text step ran (not saved to files)
     method: Optional[ContentMethod] = None  # None until the content inversion has run
     cfg: float = 7.5  # the CFG scale the null embeddings were made for
     source_layout: Optional[list] = None  # the source prompt's token ids, when its conditioning recorded them

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import EMPTY_PROMPT_KEY, LAYOUT_KEY, concept_id, token_id
+from .tokens import EMPTY_PROMPT_KEY, LAYOUT_KEY, concept_id, is_concept_id, token_id
 
 PLACEHOLDER = "{concept}"
 
@@ -64,6 +64,12 @@ def concept_token_list(encoder, vectors: torch.Tensor, tokenized: dict | None = 
     return spliced_tokens(encoder, "", vectors, "", tokenized)[0]
 
 
+def open_weight_groups(text: str) -> int:
+    """Return how many (text:weight) groups `text` leaves open; escaped \\( and \\) are literal, as in ComfyUI."""
+    literal = text.replace("\\)", "").replace("\\(", "")
+    return literal.count("(") - literal.count(")")
+
+
 def encode_prompt(encoders: list, text: str, vectors: dict | None) -> list:
     """Return the CONDITIONING of `text` with the concept vectors (per encoder key) at its {concept}, if any.
 
@@ -77,7 +83,7 @@ def encode_prompt(encoders: list, text: str, vectors: dict | None) -> list:
         raise ValueError(f"the text has {PLACEHOLDER} but no concept is connected; connect VCT Concept Embedding "
                          "Learn's concept output")
     before, _, after = text.partition(PLACEHOLDER)
-    if before.count("(") > before.count(")"):
+    if open_weight_groups(before) > 0:
         raise ValueError(f"{PLACEHOLDER} is inside a (text:weight) group; put it outside, e.g. "
                          f"'a photo of {PLACEHOLDER}, (oil painting:1.2)'")
     tokens, layout, tokenized = {}, None, {}
@@ -85,6 +91,16 @@ def encode_prompt(encoders: list, text: str, vectors: dict | None) -> list:
         vec = vectors[e.key].detach().float().cpu() if vectors is not None else None
         e_tokens, e_layout = spliced_tokens(e, before, vec, after, tokenized)
         tokens[e.key] = [e_tokens]
+        # An embedding:NAME that this encoder cannot read (no vectors of its width, or none at all) is
+        # dropped by ComfyUI, which moves every later token: the recorded layout would be wrong.
+        unreadable = any(torch.is_tensor(t) and t.shape[-1] != e.width for t, *_ in e_tokens)
+        if unreadable or (layout is not None and [is_concept_id(t) for t in e_layout]
+                          != [is_concept_id(t) for t in layout]):
+            raise ValueError(
+                f"clip_{e.key} cannot read an embedding:NAME in the prompt (it has no vectors {e.width} wide for "
+                "it), so the prompt's tokens would not line up. Use an embedding with vectors for every text encoder "
+                "of this model (for SDXL, clip_l and clip_g), or remove it"
+            )
         layout = layout or e_layout  # positions are shared by every encoder of a CLIP
     clip = encoders[0].clip
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)

@@ -79,8 +79,10 @@ class VCTDualBranchSampler(io.ComfyNode):
         shape = inversion.source_latent.shape
         branch = BranchConditioning.read(model, concept, "concept", shape)
         source = inversion.source_cond
-        tokens.check_same_length(branch.tokens, source["c_crossattn"].shape[1], "concept", "the source prompt",
-                                 "use a concept prompt of at most 75 tokens")
+        source_tokens = source["c_crossattn"].shape[1]
+        longer = "concept prompt" if branch.tokens > source_tokens else "source prompt (given to VCT DDIM Invert)"
+        tokens.check_same_length(branch.tokens, source_tokens, "concept", "the source prompt",
+                                 f"use a {longer} of at most 75 tokens")
         config = tokens.injection_config(source["c_crossattn"], concept, self_injection, cross_injection,
                                          concept_weight, concept_tokens, equalizer, inversion.source_layout, NODE)
         patched = architecture.inject(model, config, inversion.sigmas)

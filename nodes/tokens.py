@@ -107,8 +107,10 @@ def token_layouts(source: torch.Tensor, source_layout, concept: list, concept_to
         # A plain embedding:NAME concept with concept_tokens set, and a source that records nothing:
         # the paper's layout is assumed and nothing can confirm it, so the user is told.
         log.warning("%s: neither prompt records its tokens, so the paper's layout is assumed: the concept "
-                    "prompt is exactly embedding:NAME (%d vectors) and the source prompt is empty. For any other "
-                    "prompts, encode both with VCT Concept Prompt", node, concept_tokens)
+                    "prompt is exactly embedding:NAME with concept_tokens = %d vectors, and the source prompt is "
+                    "empty. Nothing can check that count: if NAME has another number of vectors, the equaliser and "
+                    "the cross-attention alignment fall on the wrong tokens. For any other prompts, or to have the "
+                    "count read instead of assumed, encode both with VCT Concept Prompt", node, concept_tokens)
         return [START, END], target
     if empty.shape[1:] == source.shape[1:] and torch.allclose(empty.float().cpu(), source.float().cpu(),
                                                               rtol=1e-3, atol=1e-3):

@@ -36,6 +36,43 @@ def test_refine_mapping_aligns_shared_words():
         vct_ops.refine_mapping([SOT] * 9, [SOT], length=8)
 
 
+def test_refine_mapping_breaks_ties_as_prompt_to_prompt_does():
+    # Source [S, x, x, E], target [S, y, x, E]: prompt-to-prompt's traceback (from the ends, leaving a
+    # target token unaligned before skipping a source token) maps the target's x to the first x.
+    x, y = 7, 8
+    mapper, alphas = vct_ops.refine_mapping([SOT, x, x, EOT], [SOT, y, x, EOT], length=6)
+    assert alphas.tolist() == [1, 0, 1, 1, 1, 1]
+    assert [int(mapper[j]) for j in (0, 2, 3)] == [0, 1, 3]
+    # The source's x x against one target x: the same rule picks the first again.
+    mapper, alphas = vct_ops.refine_mapping([SOT, x, x, EOT], [SOT, x, EOT], length=6)
+    assert alphas[:3].tolist() == [1, 1, 1] and [int(mapper[j]) for j in range(3)] == [0, 1, 3]
+
+
+def test_refine_mapping_aligns_a_longest_common_subsequence_in_order():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        src = [SOT] + torch.randint(0, 4, (int(torch.randint(0, 7, (1,), generator=g)),), generator=g).tolist() + [EOT]
+        tgt = [SOT] + torch.randint(0, 4, (int(torch.randint(0, 7, (1,), generator=g)),), generator=g).tolist() + [EOT]
+        mapper, alphas = vct_ops.refine_mapping(src, tgt, length=10)
+        pairs = [(int(mapper[j]), j) for j in range(len(tgt)) if alphas[j] == 1]
+        assert all(src[i] == tgt[j] for i, j in pairs)
+        assert [i for i, _ in pairs] == sorted({i for i, _ in pairs}), "aligned in order, each source token once"
+        longest = [[0] * (len(tgt) + 1) for _ in range(len(src) + 1)]  # the LCS length, computed here anew
+        for a in range(len(src)):
+            for b in range(len(tgt)):
+                longest[a + 1][b + 1] = (longest[a][b] + 1 if src[a] == tgt[b]
+                                         else max(longest[a][b + 1], longest[a + 1][b]))
+        assert len(pairs) == longest[-1][-1]
+
+
+def test_padding_borrows_only_the_source_padding():
+    # A source longer than the target: the target's padding at positions where the source still has
+    # words (and its end token) keeps its own maps instead of borrowing those words' maps.
+    mapper, alphas = vct_ops.refine_mapping([SOT, 7, 8, 9, EOT], [SOT, -1, EOT], length=8)
+    assert alphas.tolist() == [1, 0, 1, 0, 0, 1, 1, 1]
+    assert int(mapper[2]) == 4 and mapper[5:].tolist() == [5, 6, 7]
+
+
 def test_token_weights():
     assert vct_ops.token_weights(5, [1, 2], 0.5).tolist() == [1, 0.5, 0.5, 1, 1]
     with pytest.raises(ValueError, match="position"):

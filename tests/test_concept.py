@@ -45,7 +45,16 @@ def test_concept_learning_lowers_loss_and_changes_only_the_vectors():
     state = dict(list(denoise.net.state_dict().items()) + list(encoder.state_dict().items()))
     for k, v in frozen.items():
         assert torch.equal(state[k], v), k
-    assert all(p.grad is None for p in list(denoise.net.parameters()) + list(encoder.parameters()))
+
+
+def test_only_the_vectors_get_gradients_even_from_trainable_networks():
+    denoise, encoder, z_ref, init = make_setting()
+    networks = list(denoise.net.parameters()) + list(encoder.parameters())
+    for p in networks:
+        p.requires_grad_(True)  # as a host's models may be: the kernel must not touch their gradients
+    config = vct_ops.ConceptConfig(steps=2, grad_accum=2, seed=3)
+    vct_ops.learn_concept(denoise, encoder, init, vct_ops.reference_latent_sampler(z_ref), tn.sd_train_sigmas(), config)
+    assert all(p.grad is None for p in networks)
 
 
 def test_gradients_reach_the_vectors():
@@ -149,6 +158,59 @@ def test_fused_accumulation_equals_sequential_accumulation():
     assert seq_calls == [1] * 12 and fused_calls == [3] * 4
     torch.testing.assert_close(fused.vectors, sequential.vectors, rtol=1e-4, atol=1e-5)
     assert fused.losses == pytest.approx(sequential.losses, rel=1e-4)
+
+
+def record_gradients(monkeypatch) -> list:
+    """Make every AdamW step first record the gradients it is given (one list per step)."""
+    recorded = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        recorded.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return recorded
+
+
+def test_the_step_gradient_is_the_mean_over_micro_batches_fused_or_not(monkeypatch):
+    # Adam ignores a constant gradient scale, so the vectors after a step cannot show a wrong
+    # accumulation scale: the gradients are compared themselves, with one computed here anew.
+    denoise, encoder, z_ref, init = make_setting()
+    sampler = vct_ops.reference_latent_sampler(z_ref, flip_probability=0.0)  # every draw is z_ref itself
+    recorded = record_gradients(monkeypatch)
+    inputs = {}
+    for fused in (False, True):
+        calls = []
+
+        def recording(x, sigma, cond, options=None, calls=calls):
+            calls.append((x.detach().clone(), sigma.detach().clone()))
+            return denoise(x, sigma, cond, options)
+
+        config = vct_ops.ConceptConfig(steps=1, grad_accum=3, seed=11, fuse_accumulation=fused)
+        vct_ops.learn_concept(recording, encoder, init, sampler, tn.sd_train_sigmas(), config)
+        inputs[fused] = (torch.cat([x for x, _ in calls]), torch.cat([s for _, s in calls]))
+    (sequential,), (fused,) = recorded
+    x, sigma = inputs[False]
+    torch.testing.assert_close(inputs[True][0], x)  # the same draws either way
+    # The mean of the three micro-batch losses (one row each) is the loss over the three rows.
+    vectors = init.clone().requires_grad_(True)
+    noise = (x - z_ref) / sigma.view(-1, 1, 1, 1)
+    loss = vct_ops.concept_loss(denoise, encoder(vectors), z_ref.expand(3, -1, -1, -1), sigma, noise)
+    (expected,) = torch.autograd.grad(loss, vectors)
+    torch.testing.assert_close(sequential, expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_scaling_changes_no_gradient_in_float32(monkeypatch):
+    denoise, encoder, z_ref, init = make_setting()
+    recorded = record_gradients(monkeypatch)
+    for scale in (2.0**14, 1.0):
+        vct_ops.learn_concept(denoise, encoder, init, vct_ops.reference_latent_sampler(z_ref), tn.sd_train_sigmas(),
+                              vct_ops.ConceptConfig(steps=2, seed=2, loss_scale=scale))
+    scaled, plain = recorded[:2], recorded[2:]
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-9)
 
 
 def test_loss_scaling_changes_nothing_in_float32_and_skips_overflowing_steps():

@@ -97,3 +97,18 @@ def test_windows_cover_the_first_fraction_of_steps():
             # A margin on both sides: a sigma rounded on its way through a half-precision model
             # still falls on the right side.
             assert float(sigmas[expected]) * 1.01 < threshold < float(sigmas[expected - 1]) * 0.99
+
+
+def test_windows_against_the_reference_counts_over_the_slider():
+    # The figures README's "Where we differ from the reference code" gives, counted over the slider's
+    # 101 values (0.00 to 1.00 in steps of 0.01) at 50 steps. The reference's self-attention window
+    # is int(T * tau) steps and its cross-attention window int(tau * (T + 1)) (its alpha table has
+    # T + 1 rows; at most T of them are used); ours is int(tau * T + 1e-6) for both.
+    sigmas = vct_ops.ddim_sigmas(tn.sd_train_sigmas(), 50)
+    ours = {k: vct_ops.steps_in_window(sigmas, k / 100) for k in range(101)}
+    self_differs = [k for k in range(101) if ours[k] != int(50 * (k / 100))]
+    cross_differs = [k for k in range(101) if ours[k] != min(50, int(k / 100 * 51))]
+    assert self_differs == [58] and ours[58] == 29  # 0.58 * 50 = 28.999999999999996 in floating point
+    assert cross_differs == list(range(51, 100, 2))  # every odd value from 0.51: one step fewer than the reference
+    assert all(ours[k] == min(50, int(k / 100 * 51)) - 1 for k in cross_differs)
+    assert ours[90] == 45 and ours[20] == 10  # the defaults agree with both

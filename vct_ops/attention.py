@@ -68,34 +68,41 @@ def refine_mapping(
     """Return (mapper, alphas) aligning target tokens to source tokens, as prompt-to-prompt's refine.
 
     Both id lists are the real token sequences (start and end tokens included, padding
-    excluded). Tokens in a longest common subsequence map to their partner (alpha 1); target
-    tokens absent from the source keep their own maps (alpha 0); padding maps to the same
-    position (alpha 1). Give concept vectors ids no real token has (e.g. negative ones).
+    excluded). Tokens in a longest common subsequence map to their partner (alpha 1), chosen as
+    prompt-to-prompt's traceback chooses among equally long ones; target tokens absent from the
+    source keep their own maps (alpha 0). Padding maps to the same position (alpha 1) where the
+    source has padding there too; where a longer source has a real token at that position, the
+    target's padding keeps its own map (alpha 0). Give concept vectors ids no real token has
+    (e.g. negative ones).
     """
     src, tgt = list(source_ids), list(target_ids)
     if len(src) > length or len(tgt) > length:
         raise ValueError(f"token sequences of {len(src)} and {len(tgt)} tokens do not fit in {length} positions")
-    # Global alignment with match 1, mismatch -1, gap 0 (prompt-to-prompt's scores) is an LCS.
+    # Global alignment with match 1, mismatch -1, gap 0 (prompt-to-prompt's scores) scores the longest
+    # common subsequence of the prefixes src[:i], tgt[:j].
     table = [[0] * (len(tgt) + 1) for _ in range(len(src) + 1)]
-    for i in range(len(src) - 1, -1, -1):
-        for j in range(len(tgt) - 1, -1, -1):
-            if src[i] == tgt[j]:
-                table[i][j] = table[i + 1][j + 1] + 1
+    for i in range(1, len(src) + 1):
+        for j in range(1, len(tgt) + 1):
+            if src[i - 1] == tgt[j - 1]:
+                table[i][j] = table[i - 1][j - 1] + 1
             else:
-                table[i][j] = max(table[i + 1][j], table[i][j + 1])
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
     mapper = torch.arange(length, dtype=torch.long)
     alphas = torch.ones(length)
-    mapper[: len(tgt)] = 0
-    alphas[: len(tgt)] = 0.0
-    i = j = 0
-    while i < len(src) and j < len(tgt):
-        if src[i] == tgt[j]:
-            mapper[j], alphas[j] = i, 1.0
-            i, j = i + 1, j + 1
-        elif table[i + 1][j] >= table[i][j + 1]:
-            i += 1
+    mapper[: max(len(tgt), len(src))] = 0
+    alphas[: max(len(tgt), len(src))] = 0.0
+    # Walk back from the ends with prompt-to-prompt's preference among equal scores: leave the target
+    # token unaligned, else skip the source token, else match. With a repeated token this picks the
+    # same partner as the reference (source [S, x, x, E], target [S, y, x, E]: the first x).
+    i, j = len(src), len(tgt)
+    while i > 0 and j > 0:
+        if table[i][j - 1] == table[i][j]:
+            j -= 1
+        elif table[i - 1][j] == table[i][j]:
+            i -= 1
         else:
-            j += 1
+            mapper[j - 1], alphas[j - 1] = i - 1, 1.0
+            i, j = i - 1, j - 1
     return mapper, alphas
 
 

@@ -179,7 +179,7 @@ def learn_concept(
             for z0, sigma, noise in groups:
                 cond = encode(cond_map(partial(_cast, dtype=z0.dtype), vectors))
                 loss = concept_loss(denoise, cond, z0, sigma, noise, config.prediction, config.l1_weight)
-                scaler.backward(loss, divide=len(groups))
+                scaler.backward(loss, divide=len(groups), inputs=params)
                 total += loss.item()
             mean_loss = total / len(groups)
             if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):

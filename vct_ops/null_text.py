@@ -102,7 +102,7 @@ def null_text_invert(
                 x_prev = ddim_step(x, sigma, sigma_next, cfg(den_uncond, den_cond, guidance))
                 loss = _z_space_mse(x_prev, target, sigma_next)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.backward(loss)
+                scaler.backward(loss, inputs=cond_leaves(phi))
                 if scaler.unscale(cond_leaves(phi)):
                     optimizer.step()
                 loss_value = loss.item()

@@ -1,6 +1,8 @@
 """Backward passes through half-precision models without losing small gradients."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -16,9 +18,13 @@ class LossScale:
         """Start with `scale` (a power of two)."""
         self.scale = float(scale)
 
-    def backward(self, loss: torch.Tensor, divide: float = 1.0) -> None:
-        """Backpropagate `loss / divide`, scaled."""
-        (loss * (self.scale / divide)).backward()
+    def backward(self, loss: torch.Tensor, divide: float = 1.0, inputs: Optional[list[torch.Tensor]] = None) -> None:
+        """Backpropagate `loss / divide`, scaled; with `inputs`, only into those tensors' gradients.
+
+        With `inputs`, nothing else that requires grad (a model's weights) gets a gradient, and
+        autograd does not compute one for it.
+        """
+        (loss * (self.scale / divide)).backward(inputs=inputs)
 
     def unscale(self, params: list[torch.Tensor]) -> bool:
         """Return whether the accumulated gradients are finite, after dividing them by the scale.

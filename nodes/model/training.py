@@ -80,7 +80,9 @@ def make_autograd_safe(module: torch.nn.Module, device: Optional[torch.device] =
     with torch.inference_mode(False):
         for name, param in list(module.named_parameters()):
             if param.is_inference() and (device is None or param.device.type == device.type):
-                comfy.utils.set_attr_param(module, name, param.detach().clone())
+                # Its requires_grad flag too, so the shared model's flags are as they were.
+                safe = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                comfy.utils.set_attr(module, name, safe)
                 replaced += 1
         for name, buf in list(module.named_buffers()):
             if buf.is_inference() and (device is None or buf.device.type == device.type):

@@ -14,7 +14,12 @@ one under the plain ModelPatcher. The same nodes run on both:
 2. one forward+backward loaded as the training nodes load it, its gradient to the conditioning
    compared (tightly);
 3. the same pass without the pack's guard, printed only (shows whether the hazard is real on
-   this machine).
+   this machine);
+4. Content Null-Text Invert at the node's defaults (50 inner steps, early stop 1e-5) in the
+   model's own precision (float16 on most GPUs), printed only: per step the iterations it ran,
+   its last loss, the early-stop threshold and the loss that rounding the model's output to its
+   precision alone would leave (one unit in the last place, amplified by CFG 7.5 and the step),
+   which shows whether the threshold lies below the rounding noise.
 
 Exit code 0 when every guarded comparison agrees, 1 when one does not, 2 when the set-up is wrong
 (no CUDA, or Dynamic VRAM not enabled and --allow-static not given).
@@ -173,6 +178,9 @@ def main(argv=None) -> int:
                     help="agreement needed of one pass's gradient, relative to the plain run's max")
     ap.add_argument("--allow-static", action="store_true",
                     help="run even where Dynamic VRAM is off or there is no GPU (a smoke test of the script)")
+    ap.add_argument("--stop-inner-steps", type=int, default=50,
+                    help="inner steps of the early-stop run at the node's defaults (0 skips it)")
+    ap.add_argument("--early-stop", type=float, default=1e-5, help="early_stop of that run (the node's default)")
     ap.add_argument("comfy_args", nargs="*", help="extra ComfyUI arguments after --, e.g. -- --reserve-vram 2")
     args = ap.parse_args(argv)
     if not args.comfyui:
@@ -213,6 +221,7 @@ def main(argv=None) -> int:
     for name, (model, clip) in models.items():
         inversion, *_ = timed(runner, name, "VCTDDIMInvert", model, latent, source, args.steps)
         tuned, *_ = timed(runner, name, "VCTNullTextInvert", model, inversion, 7.5, args.inner_steps, 0.0)
+        print(f"{name:<10} null-text iterations per step: {tuned.null_iterations}")
         concept = timed(runner, name, "VCTConceptLearn", model, clip, latent, "dog", 3, args.concept_steps,
                         5e-4, 4, 1.0, 0, "", False)
         results[name] = dict(trajectory=inversion.trajectory, nulls=tuned.null_embeddings,
@@ -236,9 +245,34 @@ def main(argv=None) -> int:
         compare("gradient to the conditioning", raw["dynamic"], raw["plain"], args.gradient_rtol)
     except RuntimeError as e:  # e.g. inference-mode casts saved for backward
         print(f"  raised {type(e).__name__}: {str(e).splitlines()[0]}")
+    if args.stop_inner_steps > 0:
+        early_stop_report(runner, models["dynamic"][0], latent, source, args)
     mm.unload_all_models()
     print("result:", "all guarded comparisons agree" if ok else "a guarded comparison DIFFERS")
     return 0 if ok else 1
+
+
+def early_stop_report(runner: Runner, model, latent, source, args) -> None:
+    """Print, per null-text step at the node's defaults, its iterations, last loss, threshold and rounding floor."""
+    import torch
+
+    inversion, *_ = timed(runner, "defaults", "VCTDDIMInvert", model, latent, source, args.steps)
+    tuned, *_ = timed(runner, "defaults", "VCTNullTextInvert", model, inversion, 7.5, args.stop_inner_steps,
+                      args.early_stop)
+    dtype = model.model_dtype()
+    unit = torch.finfo(dtype).eps / 2  # unit roundoff: 2^-11 in float16, 2^-8 in bfloat16, 2^-24 in float32
+    cfg_gain = (7.5**2 + 6.5**2) ** 0.5  # independent errors of the cond and uncond predictions under CFG 7.5
+    sigmas = inversion.sigmas.double()
+    print(f"null-text at the node's defaults, model in {dtype} (unit roundoff {unit:.1e}); the loss is an MSE on "
+          "the latent, the floor what one unit of rounding in the model's noise prediction leaves in it:")
+    print(f"  {'step':>4} {'iterations':>10} {'last loss':>11} {'threshold':>11} {'rounding floor':>15}")
+    for i, (used, loss) in enumerate(zip(tuned.null_iterations, tuned.null_losses)):
+        gain = float((sigmas[i + 1] - sigmas[i]).abs() / (1 + sigmas[i + 1] ** 2).sqrt())
+        floor = (gain * cfg_gain * unit) ** 2
+        print(f"  {i:>4} {used:>10} {loss:>11.3e} {args.early_stop + i * 2e-5:>11.3e} {floor:>15.3e}")
+    optimised = [used for used in tuned.null_iterations if used > 0]  # the identity step runs none
+    full = sum(1 for used in optimised if used == args.stop_inner_steps)
+    print(f"  steps that ran all {args.stop_inner_steps} iterations: {full} of {len(optimised)}")
 
 
 def timed(runner: Runner, name: str, node: str, *args):

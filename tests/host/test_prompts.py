@@ -140,3 +140,54 @@ def test_concept_prompt_errors_say_what_to_do(pack, world):
         pack.run("VCTConceptPrompt", clip, "a photo of ({concept}:1.2)", concept)
     with pytest.raises(ValueError, match="at most 77"):
         pack.run("VCTConceptPrompt", clip, "word " * 74 + "{concept}", concept)
+
+
+def test_a_source_prompt_over_75_tokens_is_refused_at_ddim_invert(pack, world):
+    # It used to pass DDIM and null-text inversion and stop in the sampler, blaming the concept prompt.
+    with torch.inference_mode():
+        long_source = encode(world["clip"], "a photo of a cat " * 20)
+    assert long_source[0][0].shape[1] > 77
+    with pytest.raises(ValueError, match=r"VCT DDIM Invert: conditioning \(the source prompt\).*at most 75 tokens"):
+        pack.run("VCTDDIMInvert", world["model"], world["latent"], long_source, STEPS)
+
+
+def test_escaped_parentheses_are_literal_as_in_comfyui(pack, world):
+    text = "a \\(photo of {concept}"
+    cond = pack.run("VCTConceptPrompt", world["clip"], text, world["concept"])[0]
+    with torch.inference_mode():
+        plain = encode(world["clip"], text.replace("{concept}", "embedding:vct_prompt_dog"))
+    torch.testing.assert_close(cond[0][0], plain[0][0], rtol=0, atol=0)
+    # A real group is still refused, also after an escaped closing parenthesis.
+    with pytest.raises(ValueError, match="inside a"):
+        pack.run("VCTConceptPrompt", world["clip"], "a (photo \\) of {concept}:1.2)", world["concept"])
+
+
+def test_a_longer_source_lends_no_words_to_the_concept_prompts_padding(pack, world):
+    source = pack.run("VCTConceptPrompt", world["clip"], "a photo of a big red cat on a green mat", None)[0]
+    inversion = pack.run("VCTDDIMInvert", world["model"], world["latent"], source, STEPS)[0]
+    concept = pack.run("VCTConceptPrompt", world["clip"], "{concept}", world["concept"])[0]
+    config = config_for(pack, world, concept, source=inversion)
+    src, tgt = len(inversion.source_layout), len(concept[0][1][pack.tokens.LAYOUT_KEY])
+    assert src > tgt == 5
+    # The concept prompt's padding at positions where the source still has words keeps its own maps.
+    assert config.alphas[tgt:src].tolist() == [0.0] * (src - tgt)
+    assert config.alphas[src:].tolist() == [1.0] * (77 - src)
+    assert config.mapper[src:].tolist() == list(range(src, 77))
+
+
+def test_a_wrong_vector_count_cannot_be_detected_and_the_warning_says_so(pack, world, embedding_file, caplog):
+    embedding_file("vct_five_again", torch.randn(5, 64, generator=torch.Generator().manual_seed(6)))
+    with torch.inference_mode():
+        cond = encode(world["clip"], "embedding:vct_five_again")
+    with caplog.at_level(logging.WARNING, logger="ComfyUI-VCT"):
+        assert scaled(config_for(pack, world, cond, concept_tokens=3)) == [1, 2, 3]  # wrong, and nothing can know
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("concept_tokens = 3" in m and "another number of vectors" in m for m in messages), messages
+
+
+def test_an_sdxl_embedding_for_one_encoder_only_is_refused(pack, embedding_file):
+    clip = comfy_tiny.tiny_sdxl_clip(str(embedding_file("vct_l_only", torch.randn(2, 32)).parent))
+    # clip_g drops embedding:vct_l_only (ComfyUI logs it), so its later tokens would sit two positions earlier.
+    with pytest.raises(ValueError, match="clip_g cannot read an embedding:NAME.*clip_l and clip_g"):
+        pack.run("VCTConceptPrompt", clip, "a embedding:vct_l_only photo of a cat", None)
+    assert pack.run("VCTConceptPrompt", clip, "a photo of a cat", None)[0][0][0].shape[1] == 77
