@@ -31,7 +31,7 @@ for folder in ("tests/quality", "tests/host"):
     if str(ROOT / folder) not in sys.path:
         sys.path.insert(0, str(ROOT / folder))
 
-import comfy_env  # noqa: E402
+from support import comfy_env  # noqa: E402
 
 COLUMNS = ("structure", "concept", "both", "score", "shape_kept", "psnr", "forward", "train", "seconds")
 HEADER = ("method", "IoU", "concept", "both", "IoUxconc", "shape", "B* PSNR", "fwd rows", "fwd+bwd", "time s")
@@ -113,13 +113,13 @@ def main() -> int:
     """Run the task set and print the table; return the exit code."""
     args = parse_args()
     comfy_env.ensure_bootstrapped()
-    import comfy_runner
     import harness
     import running
     import safetensors
     import scoring
     import toy_model
     import world
+    from support import comfy_runner
 
     weights = toy_model.weights_path()
     with safetensors.safe_open(str(weights), framework="pt") as f:

@@ -52,11 +52,11 @@ def main(argv=None) -> int:
         parser.error("set COMFYUI_PATH or pass --comfyui")
     os.environ["COMFYUI_PATH"] = args.comfyui
     os.environ.setdefault("VCT_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-    import comfy_env
+    from support import comfy_env
 
     comfy_env.ensure_bootstrapped()
     import comfy.model_management
-    import comfy_runner
+    from support import comfy_runner
 
     pack = comfy_runner.Pack(comfy_runner.load_pack())
     build_args = argparse.Namespace(size=args.size, checkpoint=None, model="full", ours_dtype="auto")

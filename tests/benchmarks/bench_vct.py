@@ -106,7 +106,7 @@ def build(args, reference: bool) -> Models:
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
-    import comfy_tiny
+    from support import comfy_tiny
 
     unet_dtype, clip_dtype, vae_dtype = resolve_dtypes(args, reference)
     device = comfy.model_management.get_torch_device()
@@ -151,7 +151,7 @@ def run_config(pack, cfg: Config, models: Models, source_latent, image, args, so
     any, so both invert the same problem (see `main`); without it this configuration encodes it.
     """
     import comfy.model_management
-    from comfy_runner import encode
+    from support.comfy_runner import encode
 
     vct = pack.vct_ops
     clip, vae = models.clip, models.vae
@@ -310,10 +310,10 @@ def main(argv=None) -> int:
         parser.error("set COMFYUI_PATH or pass --comfyui")
     os.environ["COMFYUI_PATH"] = args.comfyui
     os.environ.setdefault("VCT_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-    import comfy_env
+    from support import comfy_env
 
     comfy_env.ensure_bootstrapped()
-    import comfy_runner
+    from support import comfy_runner
 
     pack = comfy_runner.Pack(comfy_runner.load_pack())
     source, image = inputs(args)

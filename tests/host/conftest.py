@@ -23,6 +23,7 @@ Fixtures (see the helper modules for details):
                              a tiny ControlNet; .name, .add(name, seed=0, family="sd15"),
                              .add_controlnet(name), .calls
     pack                     comfy_runner.Pack of vct_pack: its node classes and modules (identity, training, ...)
+    setup                    (module) a tiny SD1.5 model and CLIP, a latent, its 10-step inversion and null-text tuning
     vct_pack                 comfy_runner.LoadedPack of this repository, loaded once per session as
                              custom_nodes/ComfyUI-VCT with nodes.load_custom_node (errors with
                              ComfyUI's log if the pack does not load)
@@ -39,10 +40,10 @@ from pathlib import Path
 import pytest
 
 _HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:  # the helper modules, also under --import-mode=importlib
+if str(_HERE) not in sys.path:  # the support package, also under --import-mode=importlib
     sys.path.insert(0, str(_HERE))
 
-import comfy_env  # noqa: E402  (imports nothing from ComfyUI)
+from support import comfy_env  # noqa: E402  (imports nothing from ComfyUI)
 
 _COMFY_PATH, SKIP_REASON = comfy_env.find_comfyui()
 _SESSION_DIR: str | None = None
@@ -152,21 +153,21 @@ def input_image(comfy_session):
 
 @pytest.fixture
 def tiny_model():
-    import comfy_tiny
+    from support import comfy_tiny
 
     return comfy_tiny.tiny_sd15_model()
 
 
 @pytest.fixture
 def tiny_clip(comfy_session):
-    import comfy_tiny
+    from support import comfy_tiny
 
     return comfy_tiny.tiny_sd1_clip(str(comfy_session.folder("embeddings")))
 
 
 @pytest.fixture
 def tiny_vae():
-    import comfy_tiny
+    from support import comfy_tiny
 
     return comfy_tiny.tiny_vae()
 
@@ -182,7 +183,7 @@ class TinyCheckpoint:
     def add(self, name: str, seed: int = 0, family: str = "sd15") -> str:
         """Make `name` (e.g. a real checkpoint name a shipped workflow uses) load as a tiny checkpoint
         of `family` ("sd15", "sd2" or "sdxl"; see comfy_tiny_checkpoint.tiny_checkpoint)."""
-        import comfy_tiny_checkpoint
+        from support import comfy_tiny_checkpoint
 
         path = comfy_tiny_checkpoint.write_tiny_checkpoint_file(self.folder / name, seed=seed, family=family)
         self.files.append(path)
@@ -190,7 +191,7 @@ class TinyCheckpoint:
 
     def add_controlnet(self, name: str) -> str:
         """Make `name` (e.g. a shipped workflow's ControlNet) load as comfy_tiny_controlnet.tiny_sd15_controlnet()."""
-        import comfy_tiny_controlnet
+        from support import comfy_tiny_controlnet
 
         self.files.append(comfy_tiny_controlnet.write_tiny_controlnet_file(self.controlnet_folder / name))
         return name
@@ -204,8 +205,7 @@ class TinyCheckpoint:
 def tiny_checkpoint(comfy_session, monkeypatch):
     import comfy.controlnet
     import comfy.sd
-    import comfy_tiny_checkpoint
-    import comfy_tiny_controlnet
+    from support import comfy_tiny_checkpoint, comfy_tiny_controlnet
 
     patch = comfy_tiny_checkpoint.TinyCheckpointPatch(comfy.sd.load_checkpoint_guess_config)
     monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", patch)
@@ -220,13 +220,33 @@ def tiny_checkpoint(comfy_session, monkeypatch):
 @pytest.fixture(scope="session")
 def pack(vct_pack):
     """The loaded pack's node classes and modules (comfy_runner.Pack)."""
-    from comfy_runner import Pack
+    from support.comfy_runner import Pack
 
     return Pack(vct_pack)
 
 
 @pytest.fixture(scope="session")
 def vct_pack(comfy_session):
-    import comfy_runner
+    from support import comfy_runner
 
     return comfy_runner.load_pack()
+
+
+SETUP_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def setup(pack, comfy_session):
+    """A tiny SD1.5 model and CLIP, a source latent, its inversion in 10 steps and its null-text tuning."""
+    import torch
+    from support import comfy_tiny
+    from support.comfy_runner import encode
+
+    model = comfy_tiny.tiny_sd15_model(seed=0)
+    clip = comfy_tiny.tiny_sd1_clip(str(comfy_session.folder("embeddings")))
+    source, negative = encode(clip, ""), encode(clip, "a photo of a cat")
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    inversion, noise = pack.run("VCTDDIMInvert", model, latent, source, SETUP_STEPS)
+    tuned, loss_image = pack.run("VCTNullTextInvert", model, inversion, 7.5, 50, 1e-5, negative=negative)
+    return dict(model=model, clip=clip, source=source, negative=negative, latent=latent, inversion=inversion,
+                noise=noise, tuned=tuned, loss_image=loss_image)

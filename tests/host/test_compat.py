@@ -11,13 +11,11 @@ import uuid
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy_runner
-import comfy_tiny
-import comfy_tiny_controlnet
 import execution
 import pytest
 import torch
-from comfy_runner import encode
+from support import comfy_runner, comfy_tiny, comfy_tiny_controlnet
+from support.comfy_runner import encode
 from test_memory import pass_with_gradient
 
 

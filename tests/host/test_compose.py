@@ -2,11 +2,10 @@
 (RescaleCFG and the like), and conditioning options it refuses by name."""
 from __future__ import annotations
 
-import comfy_tiny
-import comfy_tiny_controlnet
 import pytest
 import torch
-from comfy_runner import encode
+from support import comfy_tiny, comfy_tiny_controlnet
+from support.comfy_runner import encode
 
 STEPS = 4
 

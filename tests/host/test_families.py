@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import comfy_runner
-import comfy_tiny_checkpoint
 import pytest
 import torch
-from comfy_runner import encode
+from support import comfy_runner, comfy_tiny_checkpoint
+from support.comfy_runner import encode
 from test_nodes import recording_patches
 from test_workflows import WORKFLOWS, small_workflow
 

@@ -1,9 +1,9 @@
 """Memory-saving paths of the training nodes: activations recomputed in backward when memory is short."""
 from __future__ import annotations
 
-import comfy_tiny
 import torch
-from comfy_runner import encode
+from support import comfy_tiny
+from support.comfy_runner import encode
 
 
 def blocks(model):

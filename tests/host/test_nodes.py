@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-import comfy_tiny
 import pytest
 import torch
-from comfy_runner import encode
+from support import comfy_tiny
+from support.comfy_runner import encode
 
 EXPECTED_NODES = {"VCTDDIMInvert", "VCTNullTextInvert", "VCTConceptLearn", "VCTConceptPrompt", "VCTDualBranchSampler",
                   "VCTSaveInversion", "VCTLoadInversion"}
@@ -18,16 +17,6 @@ def test_pack_registers_exactly_the_documented_nodes(vct_pack):
     assert set(vct_pack.node_ids) == EXPECTED_NODES
 
 
-@pytest.fixture(scope="module")
-def setup(pack, comfy_session):
-    model = comfy_tiny.tiny_sd15_model(seed=0)
-    clip = comfy_tiny.tiny_sd1_clip(str(comfy_session.folder("embeddings")))
-    source, negative = encode(clip, ""), encode(clip, "a photo of a cat")
-    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
-    inversion, noise = pack.run("VCTDDIMInvert", model, latent, source, STEPS)
-    tuned, loss_image = pack.run("VCTNullTextInvert", model, inversion, 7.5, 50, 1e-5, negative=negative)
-    return dict(model=model, clip=clip, source=source, negative=negative, latent=latent, inversion=inversion,
-                noise=noise, tuned=tuned, loss_image=loss_image)
 
 
 def test_node_inversion_equals_the_kernel_on_the_same_model(pack, setup):
@@ -209,27 +198,6 @@ def test_saved_concept_loads_through_a_plain_embedding_prompt(pack, setup, comfy
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "no temporary files left behind"
 
 
-def test_saved_inversion_loads_back_and_refuses_another_model_or_image(pack, setup):
-    import folder_paths
-
-    model, tuned, latent = setup["model"], setup["tuned"], setup["latent"]
-    pack.run("VCTSaveInversion", tuned, "vct_test")
-    folder = Path(folder_paths.get_output_directory()) / "vct_inversions"
-    files = sorted(folder.glob("vct_test_*.safetensors"))
-    try:
-        assert files
-        (loaded,) = pack.run("VCTLoadInversion", model, latent, files[-1].name)
-        torch.testing.assert_close(loaded.trajectory, tuned.trajectory)
-        torch.testing.assert_close(loaded.null_embeddings, tuned.null_embeddings)
-        with pytest.raises(ValueError, match="another model"):
-            pack.run("VCTLoadInversion", comfy_tiny.tiny_sd15_model(seed=7), latent, files[-1].name)
-        with pytest.raises(ValueError, match="latent"):
-            pack.run("VCTLoadInversion", model, {"samples": torch.zeros(1, 4, 16, 16)}, files[-1].name)
-        with pytest.raises(ValueError, match="another source image"):
-            pack.run("VCTLoadInversion", model, {"samples": torch.zeros(1, 4, 8, 8)}, files[-1].name)
-    finally:
-        for f in files:
-            f.unlink()
 
 
 def test_bad_inputs_get_clear_errors(pack, setup):

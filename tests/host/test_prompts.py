@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import comfy_tiny
 import pytest
 import torch
-from comfy_runner import encode
+from support import comfy_tiny
+from support.comfy_runner import encode
 
 STEPS = 4
 

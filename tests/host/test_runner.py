@@ -10,10 +10,10 @@ import sys
 import types
 from pathlib import Path
 
-import comfy_runner
 import numpy as np
 import pytest
 from PIL import Image
+from support import comfy_runner
 
 rw = comfy_runner.run_workflow
 SHIPPED = sorted(rw.shipped_workflows())

@@ -7,10 +7,10 @@ patches applied and removed as before, and the model unloaded and loaded again.
 """
 from __future__ import annotations
 
-import comfy_tiny
 import pytest
 import torch
-from comfy_runner import encode
+from support import comfy_tiny
+from support.comfy_runner import encode
 
 STEPS = 4
 

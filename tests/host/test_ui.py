@@ -1,16 +1,15 @@
 """What a user meets in the browser: the shipped templates' layout, thumbnails and model links, the
-nodes' labels and defaults, the loss plots, and what Save / Load Inversion show."""
+nodes' labels and defaults, and the loss plots (what Save / Load Inversion show: test_storage.py)."""
 from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 from pathlib import Path
 
-import comfy_runner
 import pytest
 from PIL import Image
+from support import comfy_runner
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "example_workflows"
@@ -120,7 +119,7 @@ def test_outputs_are_labelled(vct_pack):
 
 
 def test_a_fresh_concept_node_keeps_its_seed_and_has_a_usable_initializer(pack, vct_pack):
-    import comfy_tiny
+    from support import comfy_tiny
 
     info = comfy_runner.node_info("VCTConceptLearn")["input"]["required"]
     # No control widget at all: the frontend's defaults to "randomize" whatever the spec says.
@@ -152,40 +151,4 @@ def test_loss_plot_axes(pack):
     assert float(image.min()) < 0.5  # something was drawn
 
 
-def test_save_inversion_logs_the_path_and_shows_the_name(tiny_checkpoint, comfy_session, caplog):
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
-        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "VCTDDIMInvert", "inputs": {"model": ["1", 0], "latent": ["2", 0],
-                                                        "conditioning": ["3", 0], "steps": 2}},
-        "5": {"class_type": "VCTSaveInversion", "inputs": {"inversion": ["4", 0], "filename_prefix": "ui_test"}},
-    }
-    with caplog.at_level(logging.INFO, logger="ComfyUI-VCT"):
-        result = comfy_runner.run_prompt(prompt)
-    name = result.outputs["5"]["text"][0]
-    path = Path(comfy_session.output_dir) / "vct_inversions" / name
-    assert path.is_file()
-    assert any(str(path) in r.getMessage() for r in caplog.records)
-    assert ("5", f"saved vct_inversions/{name}") in result.server.progress_text
-    path.unlink()
 
-
-def test_load_inversion_list_refreshes_like_comfyuis_own_loaders(vct_pack, comfy_session):
-    # ComfyUI's loaders list files in a plain combo that every node-definitions request (the
-    # frontend's Refresh, R) builds again. Not a remote list: frontend 1.27 sets a remote list to
-    # its first entry when it loads, which would drop a saved workflow's choice.
-    def listed():
-        spec = comfy_runner.node_info("VCTLoadInversion")["input"]["required"]["inversion_file"]
-        assert "remote" not in spec[1]
-        return spec[1]["options"]
-
-    folder = Path(comfy_session.output_dir) / "vct_inversions"
-    folder.mkdir(parents=True, exist_ok=True)
-    assert "listed_00001.safetensors" not in listed()
-    (folder / "listed_00001.safetensors").write_bytes(b"")
-    try:
-        assert "listed_00001.safetensors" in listed()
-    finally:
-        (folder / "listed_00001.safetensors").unlink()
-    assert "listed_00001.safetensors" not in listed()

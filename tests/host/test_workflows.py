@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import comfy_runner
 import pytest
+from support import comfy_runner
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 

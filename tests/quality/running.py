@@ -18,8 +18,8 @@ from harness import TOY_CKPT, Graph, Method, Settings, Task, add_previews, build
 from PIL import Image
 
 # isort: split
-import comfy_runner
 import execution
+from support import comfy_runner
 
 
 class PassCounter:
@@ -159,7 +159,7 @@ def toy_checkpoint(env, counter: PassCounter, weights: Optional[Path] = None):
     function is wrapped by the host tier's checkpoint-loader patch for the block only.
     """
     import comfy.sd
-    import comfy_tiny_checkpoint
+    from support import comfy_tiny_checkpoint
 
     weights = Path(weights) if weights is not None else toy_model.weights_path()
     link = env.folder("checkpoints") / TOY_CKPT

@@ -43,7 +43,7 @@ _HOST = Path(__file__).resolve().parents[1] / "host"
 if str(_HOST) not in sys.path:
     sys.path.insert(0, str(_HOST))
 
-import comfy_env  # noqa: E402
+from support import comfy_env  # noqa: E402
 
 comfy_env.ensure_bootstrapped()
 

@@ -21,8 +21,9 @@ ComfyUI's own loaders turn into them, are in comfy_tiny_checkpoint.py.
 """
 from __future__ import annotations
 
-import comfy_env
 import torch
+
+from . import comfy_env
 
 comfy_env.ensure_bootstrapped()
 comfy_env.load_tool("vct_toy")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import comfy_env
+from . import comfy_env
 
 comfy_env.ensure_bootstrapped()
 

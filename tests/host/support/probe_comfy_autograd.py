@@ -1,6 +1,6 @@
 """Probe: how ComfyUI's own models behave under autograd on CPU (not a test; prints numbers).
 
-    COMFYUI_PATH=/path/to/ComfyUI python tests/host/probe_comfy_autograd.py
+    COMFYUI_PATH=/path/to/ComfyUI python tests/host/support/probe_comfy_autograd.py
 
 (i)   gradient from `c_crossattn` to `model.model.apply_model(...)` with ComfyUI's default CPU
       attention, and with `transformer_options["optimized_attention_override"]` -> attention_pytorch;
@@ -16,15 +16,16 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/host, where the support package is
 
-import comfy_env  # noqa: E402
+from support import comfy_env  # noqa: E402
 
 comfy_env.ensure_bootstrapped()
 
 import comfy.ldm.modules.attention as attention  # noqa: E402
-import comfy_tiny  # noqa: E402
 import torch  # noqa: E402
+
+from support import comfy_tiny  # noqa: E402
 
 torch.set_num_threads(2)
 

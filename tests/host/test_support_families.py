@@ -8,12 +8,11 @@ import comfy.ldm.modules.attention as attention
 import comfy.model_base
 import comfy.model_sampling
 import comfy.sd
-import comfy_tiny
-import comfy_tiny_checkpoint
 import pytest
 import safetensors.torch
 import torch
-from comfy_runner import run_prompt
+from support import comfy_tiny, comfy_tiny_checkpoint
+from support.comfy_runner import run_prompt
 
 ModelType = comfy.model_base.ModelType
 

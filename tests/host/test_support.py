@@ -6,11 +6,10 @@ import textwrap
 
 import comfy.ldm.modules.attention as attention
 import comfy.model_base
-import comfy_runner
-import comfy_tiny
 import pytest
 import torch
-from comfy_runner import PromptValidationError, run_prompt, ui_to_api, widget_layout
+from support import comfy_runner, comfy_tiny
+from support.comfy_runner import PromptValidationError, run_prompt, ui_to_api, widget_layout
 
 import nodes
 

@@ -5,7 +5,7 @@ the whole tier before anything breaks. `ensure_bootstrapped()` is idempotent and
 by `comfy_tiny` / `comfy_runner` at import, so scripts (e.g. `probe_comfy_autograd.py`) can use the
 helpers without pytest:
 
-    COMFYUI_PATH=/path/to/ComfyUI python tests/host/probe_comfy_autograd.py
+    COMFYUI_PATH=/path/to/ComfyUI python tests/host/support/probe_comfy_autograd.py
 
 What bootstrapping does (the order matters in ComfyUI 0.3.6x):
 1. `sys.path.insert(0, COMFYUI_PATH)`;
@@ -34,7 +34,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-HOST_DIR = Path(__file__).resolve().parent
+HOST_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = HOST_DIR.parents[1]
 TOOLS_DIR = REPO_ROOT / "tools"
 PACK_NAME = "ComfyUI-VCT"

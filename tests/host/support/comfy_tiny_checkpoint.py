@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 import torch
-from comfy_tiny import (
+
+from .comfy_tiny import (
     tiny_sd1_clip,
     tiny_sd2_clip,
     tiny_sd2_model,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import comfy.model_management  # noqa: E402  (comfy_tiny bootstrapped ComfyUI)
 import torch
-from comfy_tiny import init_tiny_weights_, tiny_sd15_unet_config
-from comfy_tiny_checkpoint import TINY_CKPT_METADATA_KEY, read_tiny_checkpoint_marker
+
+from .comfy_tiny import init_tiny_weights_, tiny_sd15_unet_config
+from .comfy_tiny_checkpoint import TINY_CKPT_METADATA_KEY, read_tiny_checkpoint_marker
 
 
 def tiny_sd15_controlnet(seed: int = 21) -> "comfy.controlnet.ControlNet":
