@@ -181,6 +181,9 @@ def main() -> int:
                 groups.append("cost")
             if task.index < args.reconstruction_tasks:
                 groups.append("reconstruction")
+            if not groups:  # only the study runs on this task
+                per_task.append({})
+                continue
             text_tokens = harness.caption_tokens(clip, task.reference.caption())
             outcome = runner.run(task, settings, tuple(groups), text_tokens=text_tokens)
             rows = scoring.score(outcome)
@@ -209,6 +212,9 @@ def main() -> int:
             print(f"[{time.perf_counter() - start:7.0f} s] study {label} done", flush=True)
     add_time_ratios(per_task)
     table = mean_rows(per_task)
+    if "vct" not in table:  # a study alone: nothing to compare subsets with
+        print(format_table(table))
+        return 0
     samples = table.pop("concept samples", None)
     print()
     print(f"{len(tasks)} tasks, {time.perf_counter() - start:.0f} s; means per task "

@@ -80,3 +80,47 @@ def test_bad_appearance_inputs_raise(pack, setup):
 def test_every_sampler_input_has_a_tooltip(pack):
     schema = pack.node[NODE].define_schema()
     assert all(getattr(i, "tooltip", None) for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+
+
+@pytest.mark.parametrize("name", ["sd2", "sdxl"])
+def test_appearance_on_sd2_and_sdxl(pack, comfy_session, name):
+    import comfy_tiny_checkpoint
+
+    build_model, build_clip = comfy_tiny_checkpoint.TINY_FAMILIES[name]
+    model, clip = build_model(seed=0), build_clip(str(comfy_session.folder("embeddings")))
+    source = encode(clip, "")
+    g = torch.Generator().manual_seed(0)
+    latent, other = ({"samples": torch.randn(1, 4, 8, 8, generator=g)} for _ in range(2))
+    inversion, _ = pack.run("VCTDDIMInvert", model, latent, source, STEPS)
+    direct, _ = pack.run("VCTNullTextInvert", model, inversion, 7.5, 1, 1e-5, method="direct")
+    reference, _ = pack.run("VCTDDIMInvert", model, other, source, STEPS)
+    today = pack.run(NODE, model, direct, source, 7.5, 0.9, 0.2, 0.5)
+    on = pack.run(NODE, model, direct, source, 7.5, 0.9, 0.2, 0.5, reference=reference, appearance_strength=1.0)
+    assert torch.equal(on[1]["samples"], today[1]["samples"]), "B* read the reference"
+    assert torch.isfinite(on[0]["samples"]).all()
+    assert float((on[0]["samples"] - today[0]["samples"]).abs().max()) > 1e-3, f"{name}: appearance changed nothing"
+
+
+def test_reference_rows_stay_with_the_conditional_rows_when_rows_are_split(pack, setup, monkeypatch):
+    import comfy.model_management
+
+    one_call = sample(pack, setup, reference=setup["reference"], appearance_strength=1.0)
+    calls = []
+    original = pack.denoiser.Denoiser._call
+
+    def recording(self, x, sigma, cond, options):
+        calls.append(list(options[pack.vct_ops.ROLES_KEY]))
+        return original(self, x, sigma, cond, options)
+
+    def no_memory(dev=None, torch_free_too=False):
+        return (1, 1) if torch_free_too else 1
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", no_memory)
+    monkeypatch.setattr(pack.denoiser.Denoiser, "_call", recording)
+    split = sample(pack, setup, reference=setup["reference"], appearance_strength=1.0)
+    assert calls[0] == ["uncond", "uncond"] and calls[1] == ["ref", "main", "appearance"]
+    # Equal up to float32 rounding of another batch layout (amplified by CFG 7.5), far below what
+    # appearance attention changes.
+    today = sample(pack, setup)
+    effect = float((one_call[0]["samples"] - today[0]["samples"]).abs().max())
+    assert float((split[0]["samples"] - one_call[0]["samples"]).abs().max()) < 0.01 * effect
