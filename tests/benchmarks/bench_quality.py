@@ -47,6 +47,13 @@ STUDY = {
     "queries: B*'s (gamma 1)": {"query_preservation": 1.0},
     "temperature 1": {"temperature": 1.0},
 }
+# A second round around the first's best (temperature 1).
+STUDY_2 = {
+    "temperature 1, gamma 0.5": {"temperature": 1.0, "query_preservation": 0.5},
+    "temperature 1, every block and level": {"temperature": 1.0, "decoder_only": False, "min_area_fraction": 0.0},
+    "temperature 1, decoder, every level": {"temperature": 1.0, "min_area_fraction": 0.0},
+    "temperature 2": {"temperature": 2.0},
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,6 +74,7 @@ def parse_args() -> argparse.Namespace:
                    "N tasks")
     p.add_argument("--study-tasks", type=int, default=0,
                    help="on the first N tasks, rerun appearance attention alone under each layer/query setting")
+    p.add_argument("--study-round", type=int, default=1, choices=(1, 2), help="which study settings to run")
     p.add_argument("--no-main", action="store_true",
                    help="skip the main methods (ablations, baselines); VCT's defaults still run beside appearance")
     p.add_argument("--equalizer", default="concept_tokens", choices=("concept_tokens", "reference_code"),
@@ -203,7 +211,8 @@ def main() -> int:
             rows.update(scoring.score(outcome))
             print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: sequential accumulation, task "
                   f"{outcome.seconds:.0f} s", flush=True)
-        for label, fields in STUDY.items() if args.study_tasks else ():
+        study = STUDY if args.study_round == 1 else STUDY_2
+        for label, fields in study.items() if args.study_tasks else ():
             runner = running.Runner(env.input_dir, counter)  # a fresh cache: the sampler must run again
             with running.appearance_settings(pack.module.vct_ops, **fields):
                 for task, rows in zip(tasks[: args.study_tasks], per_task):
@@ -214,6 +223,8 @@ def main() -> int:
     table = mean_rows(per_task)
     if "vct" not in table:  # a study alone: nothing to compare subsets with
         print(format_table(table))
+        if args.json is not None:
+            args.json.write_text(json.dumps({"table": table, "tasks": record}, indent=1))
         return 0
     samples = table.pop("concept samples", None)
     print()
