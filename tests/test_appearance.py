@@ -144,6 +144,20 @@ def test_reading_a_reference_that_walks_with_the_reconstruction_changes_nothing(
     assert float((out.main - out.ref).abs().max()) > 1e-3
 
 
+def test_window_layers_and_steps(setting):
+    sigmas = setting[1]
+    window = vct_ops.AppearanceWindow(sigmas, vct_ops.AppearanceConfig(strength=1.0, start_fraction=0.2,
+                                                                       end_fraction=0.7, max_area_fraction=0.25))
+    inside, before, after = float(sigmas[3]), float(sigmas[1]), float(sigmas[8])
+    assert window.active(inside, 16, 64, decoder=True)
+    assert not window.active(inside, 16, 64, decoder=False), "an encoder layer"
+    assert not window.active(inside, 64, 64, decoder=True), "above max_area_fraction"
+    assert not window.active(inside, 4, 64, decoder=True), "below min_area_fraction"
+    assert not window.active(before, 16, 64, decoder=True) and not window.active(after, 16, 64, decoder=True)
+    off = vct_ops.AppearanceWindow(sigmas, vct_ops.AppearanceConfig(strength=0.0))
+    assert not off.active(inside, 16, 64, decoder=True)
+
+
 def test_bad_inputs_raise(setting):
     _, sigmas, source, reference, c_src, c_concept, nulls = setting
     for bad in ({"strength": 1.5}, {"strength": -0.1}, {"query_preservation": 2.0}, {"temperature": 0.0},

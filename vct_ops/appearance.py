@@ -40,10 +40,13 @@ class AppearanceConfig:
     # Only layers with at least this fraction of the latent's positions as queries: 1/4 gives the
     # papers' 32x32 and 64x64 levels of a 64x64 latent (SD1.5 at 512 px).
     min_area_fraction: float = 0.25
+    # ... and at most this fraction (1: no upper limit; 1/4 keeps to the levels self-injection acts on).
+    max_area_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         """Check every value is in range, naming the setting to change."""
-        for name in ("strength", "start_fraction", "end_fraction", "query_preservation", "min_area_fraction"):
+        for name in ("strength", "start_fraction", "end_fraction", "query_preservation", "min_area_fraction",
+                     "max_area_fraction"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"appearance {name} must be between 0 and 1, got {value!r}")
@@ -77,7 +80,7 @@ class AppearanceWindow:
             return False
         if sigma > self.start_threshold or not sigma > self.end_threshold:
             return False
-        return queries >= cfg.min_area_fraction * positions
+        return cfg.min_area_fraction * positions <= queries <= cfg.max_area_fraction * positions
 
 
 def appearance_queries(q_main: torch.Tensor, q_source: torch.Tensor, preservation: float) -> torch.Tensor:
