@@ -55,6 +55,8 @@ STUDY_3 = {
     "decoder, 8x8 only, temperature 1": {"max_area_fraction": 0.25, "temperature": 1.0},
     "decoder, 8x8 only, gamma 0.5": {"max_area_fraction": 0.25, "query_preservation": 0.5},
 }
+# The third round's best, on more tasks.
+STUDY_4 = {"decoder, 8x8 level only (1/4 of positions)": {"max_area_fraction": 0.25}}
 # A second round around the first's best (temperature 1).
 STUDY_2 = {
     "temperature 1, gamma 0.5": {"temperature": 1.0, "query_preservation": 0.5},
@@ -82,7 +84,7 @@ def parse_args() -> argparse.Namespace:
                    "N tasks")
     p.add_argument("--study-tasks", type=int, default=0,
                    help="on the first N tasks, rerun appearance attention alone under each layer/query setting")
-    p.add_argument("--study-round", type=int, default=1, choices=(1, 2, 3), help="which study settings to run")
+    p.add_argument("--study-round", type=int, default=1, choices=(1, 2, 3, 4), help="which study settings to run")
     p.add_argument("--no-main", action="store_true",
                    help="skip the main methods (ablations, baselines); VCT's defaults still run beside appearance")
     p.add_argument("--equalizer", default="concept_tokens", choices=("concept_tokens", "reference_code"),
@@ -219,7 +221,7 @@ def main() -> int:
             rows.update(scoring.score(outcome))
             print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: sequential accumulation, task "
                   f"{outcome.seconds:.0f} s", flush=True)
-        study = {1: STUDY, 2: STUDY_2, 3: STUDY_3}[args.study_round]
+        study = {1: STUDY, 2: STUDY_2, 3: STUDY_3, 4: STUDY_4}[args.study_round]
         for label, fields in study.items() if args.study_tasks else ():
             runner = running.Runner(env.input_dir, counter)  # a fresh cache: the sampler must run again
             with running.appearance_settings(pack.module.vct_ops, **fields):
