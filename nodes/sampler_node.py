@@ -56,6 +56,16 @@ class VCTDualBranchSampler(io.ComfyNode):
                                tooltip="Which tokens concept_weight scales. concept_tokens: the concept's own "
                                "tokens. reference_code: the positions the published code scales (the start "
                                "token and all but the last concept token)."),
+                Inversion.Input("reference", optional=True,
+                                tooltip="Optional, for appearance attention: the reference image's inversion from "
+                                "VCT DDIM Invert (same model, same steps, same image size; its own prompt, e.g. "
+                                "empty). Used only when appearance_strength is above 0."),
+                io.Float.Input("appearance_strength", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="How much B's self-attention in the decoder reads the reference's keys and "
+                               "values (its texture and colours) instead of what it gets otherwise. 0: off, the "
+                               "paper's VCT. Needs a reference."),
+                io.Float.Input("appearance_window", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of the steps, from the first, in which appearance attention acts."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="translation",
@@ -67,10 +77,12 @@ class VCTDualBranchSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
-                concept_tokens=0, equalizer="concept_tokens") -> io.NodeOutput:
+                concept_tokens=0, equalizer="concept_tokens", reference=None, appearance_strength=0.0,
+                appearance_window=1.0) -> io.NodeOutput:
         """Sample both branches and return B and B*."""
         architecture = arch.for_model(model, NODE)
         identity.check_matches_model(inversion, model, NODE)
+        appearance = _appearance(model, inversion, reference, appearance_strength, appearance_window)
         if inversion.null_embeddings is None:
             raise ValueError(
                 f"{NODE}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
@@ -85,7 +97,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                                  f"use a {longer} of at most 75 tokens")
         config = tokens.injection_config(source["c_crossattn"], concept, self_injection, cross_injection,
                                          concept_weight, concept_tokens, equalizer, inversion.source_layout, NODE)
-        patched = architecture.inject(model, config, inversion.sigmas)
+        patched = architecture.inject(model, config, inversion.sigmas, appearance)
         # Each branch's ControlNet: the concept's acts on B, the source's (kept by the inversion) on B*.
         controls = {vct_ops.ROLE_MAIN: branch.control, vct_ops.ROLE_REF: inversion.source_control}
         device = patched.load_device
@@ -114,6 +126,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                     callback=progress.step_callback(progress.Progress(steps)), preview=on_preview,
                     ref_trajectory=inversion.trajectory.to(device) if method.corrects_reconstruction else None,
                     guide_main=guidance.cfg_hooks(patched, branch, nulls, shape, device),
+                    **_reference_rows(reference if appearance is not None else None, device),
                 )
             finally:
                 patched.cleanup()
@@ -122,3 +135,29 @@ class VCTDualBranchSampler(io.ComfyNode):
             latent_out(patched, vct_ops.x_to_latent(result.main, end)),
             latent_out(patched, vct_ops.x_to_latent(result.ref, end)),
         )
+
+
+def _appearance(model, inversion, reference, strength, window):
+    """Return the appearance-attention settings, None when off (strength 0), or raise naming the input to fix."""
+    try:
+        config = vct_ops.AppearanceConfig(strength=float(strength), end_fraction=float(window))
+    except ValueError as error:
+        raise ValueError(f"{NODE}: {error}") from None
+    if not config.enabled:
+        return None
+    if reference is None:
+        raise ValueError(f"{NODE}: appearance_strength is {strength} but no reference is connected; connect the "
+                         "reference image's VCT DDIM Invert to 'reference', or set appearance_strength to 0")
+    identity.check_reference(reference, inversion, model, NODE)
+    length = inversion.source_cond["c_crossattn"].shape[1]
+    tokens.check_same_length(reference.source_cond["c_crossattn"].shape[1], length, "the reference's prompt",
+                             "the source prompt", "invert both images with the same prompt")
+    return config
+
+
+def _reference_rows(reference, device) -> dict:
+    """Return the sampler's reference arguments: R's trajectory and its own conditioning (none without R)."""
+    if reference is None:
+        return {}
+    cond = {key: value.to(device) for key, value in reference.source_cond.items()}
+    return {"appearance_trajectory": reference.trajectory.to(device), "appearance_cond": cond}

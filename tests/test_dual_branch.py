@@ -183,7 +183,7 @@ def test_no_attention_maps_are_kept_across_steps(setting):
     for key, value in after.items():
         assert not torch.is_tensor(value) or torch.equal(value, before[key]), key
     patches = [p for kind in options["patches_replace"].values() for p in kind.values()]
-    assert all(set(vars(p)) == {"controller", "kind", "prev"} for p in patches)
+    assert all(set(vars(p)) == {"controller", "kind", "prev", "decoder"} for p in patches)
 
 
 def test_guide_main_replaces_cfg_for_the_translation_only(setting):

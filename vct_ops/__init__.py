@@ -3,6 +3,7 @@
 Host-agnostic: imports torch and the standard library only. A model is a denoiser callable
 `(x, sigma, cond, transformer_options) -> denoised` in ComfyUI's sigma parameterisation.
 """
+from .appearance import ROLE_APPEARANCE, AppearanceConfig, AppearanceWindow
 from .attention import (
     BORROW,
     BRANCHES_KEY,
@@ -44,6 +45,9 @@ from .schedule import (
 )
 
 __all__ = [
+    "ROLE_APPEARANCE",
+    "AppearanceConfig",
+    "AppearanceWindow",
     "ROLE_MAIN",
     "ROLE_REF",
     "ROLE_UNCOND",

@@ -3,9 +3,10 @@
 A replace function is `fn(q, k, v, extra_options) -> out` with `q, k, v` shaped
 `[rows, tokens, heads * dim_head]` and the head count in `extra_options["n_heads"]`. The sampler
 tags every row of its batch with a role in `extra_options[ROLES_KEY]`: `"uncond"`, `"ref"` (the
-reconstruction branch B*) or `"main"` (the translation branch B). Only the conditional rows of B
-are changed, and only inside step windows that are derived from the current sigma. Nothing is
-kept across calls, so no attention map outlives the layer that computed it.
+reconstruction branch B*), `"main"` (the translation branch B) or `"appearance"` (the reference
+image R, when appearance attention is on). Only the conditional rows of B are changed, and only
+inside step windows that are derived from the current sigma. Nothing is kept across calls, so no
+attention map outlives the layer that computed it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .appearance import ROLE_APPEARANCE, AppearanceConfig, AppearanceWindow, appearance_queries, blend
 from .schedule import window_sigma
 
 ROLES_KEY = "vct_roles"
@@ -139,6 +141,14 @@ def _role_rows(extra_options: dict, rows: int) -> Optional[tuple[list[int], list
     return (ref, main) if ref else None
 
 
+def _appearance_rows(extra_options: dict, main: int) -> list[int]:
+    roles = extra_options.get(ROLES_KEY) or []
+    rows = [i for i, r in enumerate(roles) if r == ROLE_APPEARANCE]
+    if rows and len(rows) != main:
+        raise RuntimeError(f"the VCT batch has {len(rows)} reference rows but {main} translation rows")
+    return rows
+
+
 @dataclass
 class InjectionConfig:
     """What B borrows from B*: windows as fractions of the steps, the refine mapping and the equaliser."""
@@ -173,13 +183,19 @@ class AttentionController:
     """Per-run attention control: decides per call whether B's maps come from B*, from sigma and layer size."""
 
     def __init__(
-        self, sigmas: torch.Tensor, config: InjectionConfig, attention: AttentionFn = sdpa_attention
+        self, sigmas: torch.Tensor, config: InjectionConfig, attention: AttentionFn = sdpa_attention,
+        appearance: Optional[AppearanceConfig] = None,
     ) -> None:
-        """Build a controller for one sampling run over the descending schedule `sigmas`."""
+        """Build a controller for one sampling run over the descending schedule `sigmas`.
+
+        With `appearance`, B's conditional rows also read the reference rows' keys and values
+        (tagged "appearance") in the layers and steps it names.
+        """
         self.config = config
         self.attention = attention
         self.self_threshold = window_sigma(sigmas, config.self_fraction)
         self.cross_threshold = window_sigma(sigmas, config.cross_fraction)
+        self.appearance = AppearanceWindow(sigmas, appearance) if appearance is not None else None
 
     def _plain(self, q, k, v, extra_options, prev: Optional[ReplaceFn]) -> torch.Tensor:
         if prev is not None:
@@ -199,17 +215,41 @@ class AttentionController:
         sigma = _current_sigma(extra_options)
         return sigma is not None and sigma > self.cross_threshold
 
-    def self_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None) -> torch.Tensor:
-        """Return self-attention where B's rows use B*'s probabilities (their own values) when injected."""
+    def appearance_active(self, extra_options: dict, queries: int, decoder: bool) -> bool:
+        """Return whether B reads the reference's keys and values in this self-attention call."""
+        sigma = _current_sigma(extra_options)
+        shape = extra_options.get("original_shape")
+        if self.appearance is None or sigma is None or shape is None:
+            return False
+        return self.appearance.active(sigma, queries, shape[-1] * shape[-2], decoder)
+
+    def self_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None,
+                       decoder: bool = False) -> torch.Tensor:
+        """Return self-attention where B's rows use B*'s probabilities (their own values) when injected,
+        blended with attention to the reference's keys and values where appearance attention acts."""
         pairs = _role_rows(extra_options, q.shape[0])
-        if pairs is None or not self.self_active(extra_options, q.shape[1]):
+        if pairs is None:
             return self._plain(q, k, v, extra_options, prev)
         ref, main = pairs
-        # softmax(q_ref k_ref^T) v_main is B* 's map applied to B's values: swap B's queries and
-        # keys for B*'s and let the fused kernel do it, without materialising the map.
-        q2, k2 = q.clone(), k.clone()
-        q2[main], k2[main] = q[ref], k[ref]
-        return self._plain(q2, k2, v, extra_options, prev)
+        if not self.self_active(extra_options, q.shape[1]):
+            out = self._plain(q, k, v, extra_options, prev)
+        else:
+            # softmax(q_ref k_ref^T) v_main is B* 's map applied to B's values: swap B's queries and
+            # keys for B*'s and let the fused kernel do it, without materialising the map.
+            q2, k2 = q.clone(), k.clone()
+            q2[main], k2[main] = q[ref], k[ref]
+            out = self._plain(q2, k2, v, extra_options, prev)
+        look = _appearance_rows(extra_options, len(main))
+        if not look or not self.appearance_active(extra_options, q.shape[1], decoder):
+            return out
+        cfg = self.appearance.config
+        # softmax(T q k_R^T / sqrt(d)) v_R: the temperature goes into the queries, so the host's
+        # fused attention computes it.
+        queries = appearance_queries(q[main], q[ref], cfg.query_preservation) * cfg.temperature
+        read = self.attention(queries, k[look], v[look], extra_options["n_heads"], extra_options)
+        out = out.clone()
+        out[main] = blend(out[main], read, cfg.strength)
+        return out
 
     def cross_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None) -> torch.Tensor:
         """Return cross-attention where B's maps take B*'s at aligned tokens, with concept tokens re-weighted."""
@@ -263,24 +303,29 @@ class AttentionController:
             mixed = mixed * cfg.weights.to(mixed)
         return mixed
 
-    def patch(self, kind: str, prev: Optional[ReplaceFn] = None) -> "AttentionPatch":
-        """Return a replace function for one block ('attn1' self, 'attn2' cross) that wraps `prev`."""
+    def patch(self, kind: str, prev: Optional[ReplaceFn] = None, decoder: bool = False) -> "AttentionPatch":
+        """Return a replace function for one block ('attn1' self, 'attn2' cross) that wraps `prev`.
+
+        `decoder` marks a block of the network's decoder (a UNet's output blocks), where appearance
+        attention acts by default.
+        """
         if kind not in ("attn1", "attn2"):
             raise ValueError(f"kind must be 'attn1' or 'attn2', got {kind!r}")
-        return AttentionPatch(self, kind, prev)
+        return AttentionPatch(self, kind, prev, decoder)
 
 
 class AttentionPatch:
     """A replace function registered on one block; calls the controller, composing with the block's previous patch."""
 
-    def __init__(self, controller: AttentionController, kind: str, prev: Optional[ReplaceFn]) -> None:
-        """Bind a controller to a block kind and the patch that was there before."""
-        self.controller, self.kind, self.prev = controller, kind, prev
+    def __init__(self, controller: AttentionController, kind: str, prev: Optional[ReplaceFn],
+                 decoder: bool = False) -> None:
+        """Bind a controller to a block kind, the patch that was there before, and whether the block is a decoder's."""
+        self.controller, self.kind, self.prev, self.decoder = controller, kind, prev, decoder
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """Return the attention output for this block."""
         if self.kind == "attn1":
-            return self.controller.self_attention(q, k, v, extra_options, self.prev)
+            return self.controller.self_attention(q, k, v, extra_options, self.prev, self.decoder)
         return self.controller.cross_attention(q, k, v, extra_options, self.prev)
 
     def to(self, device) -> "AttentionPatch":

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .appearance import ROLE_APPEARANCE
 from .attention import BRANCHES_KEY, ROLE_MAIN, ROLE_REF, ROLE_UNCOND, ROLES_KEY
 from .conditioning import Cond, cond_cat, match_batch
 from .ddim import Denoiser, StepCallback, cfg, ddim_step, sigma_batch
@@ -43,6 +44,8 @@ def dual_branch_sample(
     ref_trajectory: Optional[torch.Tensor] = None,
     preview: Optional[StepCallback] = None,
     guide_main: Optional[Guidance] = None,
+    appearance_trajectory: Optional[torch.Tensor] = None,
+    appearance_cond: Optional[Cond] = None,
 ) -> DualBranchResult:
     """Return B and B* after sampling both from `x_T` with CFG, one four-row model call per step.
 
@@ -54,6 +57,10 @@ def dual_branch_sample(
     With `ref_trajectory` (the inversion trajectory, clean first), B* is put back on it after
     every step: Direct Inversion (Ju et al., ICLR 2024), an exact B* with no optimisation.
     `preview` receives B's guided clean-latent estimate after every model call.
+    With `appearance_trajectory` (a reference image's inversion trajectory, clean first, under its
+    own conditioning `appearance_cond`), one more row group R rides along, tagged "appearance":
+    at every step R sits on that trajectory at the same step, so attention control can let B read
+    its keys and values; R's prediction is not used. Without it, nothing changes.
     """
     check_latent("x_T", x_T)
     check_sigmas("sigmas", sigmas)
@@ -68,11 +75,23 @@ def dual_branch_sample(
             f"ref_trajectory has shape {tuple(ref_trajectory.shape)} but a {steps}-step run from x_T needs "
             f"{(steps + 1, *x_T.shape)}; use the trajectory of the same inversion"
         )
+    if (appearance_trajectory is None) != (appearance_cond is None):
+        raise ValueError("give the reference's trajectory and its conditioning together, or neither")
+    if appearance_trajectory is not None and tuple(appearance_trajectory.shape) != (steps + 1, *x_T.shape):
+        raise ValueError(
+            f"the reference's trajectory has shape {tuple(appearance_trajectory.shape)} but a {steps}-step run "
+            f"from x_T needs {(steps + 1, *x_T.shape)}; invert a reference image of the source's size with the "
+            "same number of steps"
+        )
     rows = x_T.shape[0]
     source_cond = match_batch(source_cond, rows)
     concept_cond = match_batch(concept_cond, rows)
     roles = [ROLE_UNCOND] * (2 * rows) + [ROLE_REF] * rows + [ROLE_MAIN] * rows
     branches = [ROLE_MAIN] * rows + [ROLE_REF] * (2 * rows) + [ROLE_MAIN] * rows
+    groups = 4
+    if appearance_trajectory is not None:
+        appearance_cond = match_batch(appearance_cond, rows)
+        roles, branches, groups = roles + [ROLE_APPEARANCE] * rows, branches + [ROLE_APPEARANCE] * rows, 5
     base_options = dict(transformer_options or {})
     x_ref, x_main = x_T, x_T
     with torch.no_grad():
@@ -80,17 +99,17 @@ def dual_branch_sample(
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             if sigma_next != sigma:
                 phi = match_batch(null_embeddings[i], rows)
-                sig = sigma_batch(sigma, 4 * rows, x_T)
+                sig = sigma_batch(sigma, groups * rows, x_T)
                 options = dict(base_options, sigmas=sig, sample_sigmas=sigmas)
                 options[ROLES_KEY] = roles
                 options[BRANCHES_KEY] = branches
-                den = denoise(
-                    torch.cat([x_main, x_ref, x_ref, x_main]),
-                    sig,
-                    cond_cat([phi, phi, source_cond, concept_cond]),
-                    options,
-                )
-                u_main, u_ref, c_ref, c_main = den.chunk(4)
+                xs, conds = [x_main, x_ref, x_ref, x_main], [phi, phi, source_cond, concept_cond]
+                if appearance_trajectory is not None:
+                    # R on its own trajectory at this step, like B* under direct inversion.
+                    xs.append(appearance_trajectory[steps - i].to(x_main))
+                    conds.append(appearance_cond)
+                den = denoise(torch.cat(xs), sig, cond_cat(conds), options)
+                u_main, u_ref, c_ref, c_main = den.chunk(groups)[:4]
                 if guide_main is None:
                     den_main = cfg(u_main, c_main, guidance)
                 else:

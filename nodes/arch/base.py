@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...vct_ops import InjectionConfig
+from ...vct_ops import AppearanceConfig, InjectionConfig
 
 
 class Architecture(abc.ABC):
@@ -33,8 +33,13 @@ class Architecture(abc.ABC):
         """Return the text-conditioning width the model takes, when its config says."""
 
     @abc.abstractmethod
-    def inject(self, model, config: InjectionConfig, sigmas: torch.Tensor):
-        """Return a clone of `model` with VCT's dual-branch control on its attention, wrapping patches already there."""
+    def inject(self, model, config: InjectionConfig, sigmas: torch.Tensor,
+               appearance: Optional[AppearanceConfig] = None):
+        """Return a clone of `model` with VCT's dual-branch control on its attention, wrapping patches already there.
+
+        With `appearance`, the self-attention of the blocks the architecture calls its decoder may
+        also read the reference rows' keys and values (reference appearance attention).
+        """
 
     @staticmethod
     @abc.abstractmethod

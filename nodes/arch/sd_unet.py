@@ -2,7 +2,8 @@
 
 Every transformer block has a self-attention (`attn1`) and a cross-attention (`attn2`) call, which
 ComfyUI lets a patch replace per block, keyed `(block, id, index)`. VCT's controller goes on both:
-self-attention injection acts on `attn1`, the cross-attention refine on `attn2`.
+self-attention injection acts on `attn1`, the cross-attention refine on `attn2`. The output blocks
+are the decoder, where reference appearance attention acts (as in Cross-Image Attention and StyleID).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def controlled_clone(model, controller: vct_ops.AttentionController):
     for key in transformer_block_keys(clone):
         for kind in ("attn1", "attn2"):
             previous = existing_replace_patch(clone.model_options, kind, key)
-            clone.set_model_patch_replace(controller.patch(kind, previous), kind, *key)
+            patch = controller.patch(kind, previous, decoder=key[0] == "output")
+            clone.set_model_patch_replace(patch, kind, *key)
     return clone
 
 
@@ -74,9 +76,12 @@ class SDUNet(Architecture):
         """Return the cross-attention width from the UNet config."""
         return model.model.model_config.unet_config.get("context_dim")
 
-    def inject(self, model, config: vct_ops.InjectionConfig, sigmas: torch.Tensor):
-        """Return a clone with the controller on every transformer block's attn1 and attn2, wrapping patches there."""
-        return controlled_clone(model, vct_ops.AttentionController(sigmas, config, attention=_comfy_attention))
+    def inject(self, model, config: vct_ops.InjectionConfig, sigmas: torch.Tensor,
+               appearance: Optional[vct_ops.AppearanceConfig] = None):
+        """Return a clone with the controller on every transformer block's attn1 and attn2, wrapping patches there;
+        the output blocks are the decoder for appearance attention."""
+        controller = vct_ops.AttentionController(sigmas, config, attention=_comfy_attention, appearance=appearance)
+        return controlled_clone(model, controller)
 
     @staticmethod
     def gradient_attention(func, *args, **kwargs):

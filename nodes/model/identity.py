@@ -81,3 +81,25 @@ def prediction_type(model) -> str:
     if kind == comfy.model_base.ModelType.V_PREDICTION:
         return "v"
     raise ValueError(f"VCT supports eps- and v-prediction models; this model predicts {kind.name}")
+
+
+def check_reference(reference, inversion, model, node: str) -> None:
+    """Raise ValueError unless `reference` is an inversion by this model on the source inversion's schedule and size."""
+    if not isinstance(reference, InversionData):
+        raise ValueError(f"{node}: 'reference' must come from VCT DDIM Invert (run on the reference image)")
+    if reference.model_fingerprint != model_fingerprint(model):
+        raise ValueError(
+            f"{node}: the reference's {reference.describe()} was made with another model (or other LoRAs/patches); "
+            "invert the reference with the model connected here"
+        )
+    if reference.steps != inversion.steps or not torch.allclose(reference.sigmas, inversion.sigmas):
+        raise ValueError(
+            f"{node}: the reference was inverted in {reference.steps} steps but the source in {inversion.steps}; "
+            "give VCT DDIM Invert the same steps for both images"
+        )
+    if reference.trajectory.shape != inversion.trajectory.shape:
+        raise ValueError(
+            f"{node}: the reference's latent is {tuple(reference.trajectory.shape[1:])} but the source's is "
+            f"{tuple(inversion.trajectory.shape[1:])}; scale or crop the reference image to the source's size "
+            "(and batch) before VAEEncode"
+        )

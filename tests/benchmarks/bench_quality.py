@@ -33,9 +33,37 @@ for folder in ("tests/quality", "tests/host"):
 
 from support import comfy_env  # noqa: E402
 
-COLUMNS = ("structure", "concept", "both", "score", "shape_kept", "psnr", "forward", "train", "seconds")
-HEADER = ("method", "IoU", "concept", "both", "IoUxconc", "shape", "B* PSNR", "fwd rows", "fwd+bwd", "time s")
+COLUMNS = ("structure", "concept", "both", "score", "shape_kept", "placement", "background", "texture_taken", "psnr",
+           "forward", "train", "seconds", "time_ratio")
+HEADER = ("method", "IoU", "concept", "both", "IoUxconc", "shape", "box IoU", "bg PSNR", "texture", "B* PSNR",
+          "fwd rows", "fwd+bwd", "time s", "x VCT")
 GRID_METHODS = ("vct", "SDEdit 0.75", "plain CFG from z*_T")
+# Appearance attention alone (strength 1, every step) under kernel settings the node does not expose.
+STUDY = {
+    "decoder >= 1/4 of positions (default)": {},
+    "decoder, every level": {"min_area_fraction": 0.0},
+    "every block >= 1/4 of positions": {"decoder_only": False},
+    "queries: B's own (gamma 0)": {"query_preservation": 0.0},
+    "queries: B*'s (gamma 1)": {"query_preservation": 1.0},
+    "temperature 1": {"temperature": 1.0},
+}
+# The toy model's 16x16 decoder layers match the source object to the reference's no better than
+# chance, its 8x8 ones 1.7x (tests/benchmarks/probe_correspondence.py): a round without the 16x16 level.
+STUDY_3 = {
+    "decoder, 8x8 level only (1/4 of positions)": {"max_area_fraction": 0.25},
+    "decoder, 8x8 and 4x4 levels": {"min_area_fraction": 0.0, "max_area_fraction": 0.25},
+    "decoder, 8x8 only, temperature 1": {"max_area_fraction": 0.25, "temperature": 1.0},
+    "decoder, 8x8 only, gamma 0.5": {"max_area_fraction": 0.25, "query_preservation": 0.5},
+}
+# The third round's best, on more tasks.
+STUDY_4 = {"decoder, 8x8 level only (1/4 of positions)": {"max_area_fraction": 0.25}}
+# A second round around the first's best (temperature 1).
+STUDY_2 = {
+    "temperature 1, gamma 0.5": {"temperature": 1.0, "query_preservation": 0.5},
+    "temperature 1, every block and level": {"temperature": 1.0, "decoder_only": False, "min_area_fraction": 0.0},
+    "temperature 1, decoder, every level": {"temperature": 1.0, "min_area_fraction": 0.0},
+    "temperature 2": {"temperature": 2.0},
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,6 +79,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the first --grid-tasks tasks")
     p.add_argument("--grid-tasks", type=int, default=6)
     p.add_argument("--json", type=Path, default=None, help="write every per-task figure as JSON")
+    p.add_argument("--appearance-tasks", type=int, default=0,
+                   help="run reference appearance attention (alone, with the concept, fast presets) on the first "
+                   "N tasks")
+    p.add_argument("--study-tasks", type=int, default=0,
+                   help="on the first N tasks, rerun appearance attention alone under each layer/query setting")
+    p.add_argument("--study-round", type=int, default=1, choices=(1, 2, 3, 4), help="which study settings to run")
+    p.add_argument("--no-main", action="store_true",
+                   help="skip the main methods (ablations, baselines); VCT's defaults still run beside appearance")
     p.add_argument("--equalizer", default="concept_tokens", choices=("concept_tokens", "reference_code"),
                    help="the equaliser VCT runs with (the other one is measured as an ablation)")
     return p.parse_args()
@@ -66,24 +102,38 @@ def mean_rows(per_task: list[dict]) -> dict[str, dict]:
     for name, rows in methods.items():
         table[name] = {"tasks": len(rows)}
         for column in COLUMNS:
-            values = [r[column] for r in rows if column in r]
+            values = [r[column] for r in rows if column in r and np.isfinite(r[column])]
             if values:
                 table[name][column] = float(np.mean(values))
+        patterned = [r["texture_taken"] for r in rows if "texture_taken" in r]
+        # Texture taken when the reference is patterned: n of the tasks (each task's share of its images).
+        table[name]["texture_taken"] = (float(np.sum(patterned)), len(patterned)) if patterned else None
     return table
+
+
+def add_time_ratios(per_task: list[dict]) -> None:
+    """Give every row its time as a ratio to VCT's defaults on the same task (same run)."""
+    for rows in per_task:
+        vct = rows.get("vct", {}).get("seconds")
+        for row in rows.values():
+            if vct and "seconds" in row:
+                row["time_ratio"] = row["seconds"] / vct
 
 
 def format_table(table: dict[str, dict]) -> str:
     """Return the table as aligned text."""
-    lines = ["  ".join(f"{h:>10}" if i else f"{h:<28}" for i, h in enumerate(HEADER)) + "  tasks"]
+    lines = ["  ".join(f"{h:>10}" if i else f"{h:<36}" for i, h in enumerate(HEADER)) + "  tasks"]
     for name, row in table.items():
-        cells = [f"{name:<28}"]
+        cells = [f"{name:<36}"]
         for column in COLUMNS:
             value = row.get(column)
             if value is None:
                 cells.append(f"{'-':>10}")
+            elif column == "texture_taken":
+                cells.append(f"{f'{value[0]:.0f} of {value[1]}':>10}")
             elif column in ("forward", "train"):
                 cells.append(f"{value:>10.0f}")
-            elif column in ("psnr", "seconds"):
+            elif column in ("psnr", "seconds", "background"):
                 cells.append(f"{value:>10.1f}")
             else:
                 cells.append(f"{value:>10.3f}")
@@ -142,11 +192,16 @@ def main() -> int:
     with running.toy_checkpoint(env, counter, weights):
         runner = running.Runner(env.input_dir, counter)
         for task in tasks:
-            groups = ["main"]
+            groups = [] if args.no_main else ["main"]
+            if task.index < args.appearance_tasks:
+                groups.append("appearance")
             if task.index < args.cost_tasks:
                 groups.append("cost")
             if task.index < args.reconstruction_tasks:
                 groups.append("reconstruction")
+            if not groups:  # only the study runs on this task
+                per_task.append({})
+                continue
             text_tokens = harness.caption_tokens(clip, task.reference.caption())
             outcome = runner.run(task, settings, tuple(groups), text_tokens=text_tokens)
             rows = scoring.score(outcome)
@@ -159,13 +214,29 @@ def main() -> int:
         # Sequential accumulation in a fresh executor, whose empty cache makes every node run again.
         runner = running.Runner(env.input_dir, counter)
         for task, rows in zip(tasks[: args.sequential_tasks], per_task):
+            if args.no_main:
+                break
             with running.sequential_accumulation(pack.module.nodes.model.training):
                 outcome = runner.run(task, settings, ("sequential",))
             rows.update(scoring.score(outcome))
             print(f"[{time.perf_counter() - start:7.0f} s] {task.name}: sequential accumulation, task "
                   f"{outcome.seconds:.0f} s", flush=True)
+        study = {1: STUDY, 2: STUDY_2, 3: STUDY_3, 4: STUDY_4}[args.study_round]
+        for label, fields in study.items() if args.study_tasks else ():
+            runner = running.Runner(env.input_dir, counter)  # a fresh cache: the sampler must run again
+            with running.appearance_settings(pack.module.vct_ops, **fields):
+                for task, rows in zip(tasks[: args.study_tasks], per_task):
+                    study = scoring.score(runner.run(task, settings, ("study",)))["study"]
+                    rows[f"study: {label}"] = study
+            print(f"[{time.perf_counter() - start:7.0f} s] study {label} done", flush=True)
+    add_time_ratios(per_task)
     table = mean_rows(per_task)
-    samples = table.pop("concept samples")
+    if "vct" not in table:  # a study alone: nothing to compare subsets with
+        print(format_table(table))
+        if args.json is not None:
+            args.json.write_text(json.dumps({"table": table, "tasks": record}, indent=1))
+        return 0
+    samples = table.pop("concept samples", None)
     print()
     print(f"{len(tasks)} tasks, {time.perf_counter() - start:.0f} s; means per task "
           f"(VCT runs equalizer={args.equalizer}):")
@@ -182,9 +253,10 @@ def main() -> int:
             print(f"  on the {row['tasks']} tasks of {name} (and every variant run on them) VCT scores "
                   f"IoUxconc {same['score']:.3f}, IoU {same['structure']:.3f}, concept {same['concept']:.3f}, "
                   f"B* PSNR {np.mean(psnr):.1f}, {same['seconds']:.1f} s")
-    print(f"concept learning alone: of {settings.concept_samples} plain CFG samples of the learned concept per "
-          f"task, {samples['both']:.3f} carry the reference's colour and texture (attribute accuracy "
-          f"{samples['concept']:.3f})")
+    if samples is not None:
+        print(f"concept learning alone: of {settings.concept_samples} plain CFG samples of the learned concept per "
+              f"task, {samples['both']:.3f} carry the reference's colour and texture (attribute accuracy "
+              f"{samples['concept']:.3f})")
     if args.grid is not None:
         write_grid(args.grid, outcomes[: args.grid_tasks])
         print(f"grid: {args.grid}")

@@ -6,7 +6,8 @@ after them, so a method's cost is the sum over the nodes it depends on.
 
 Methods (`METHODS`): VCT with the paper's defaults and its ablations, the content-inversion
 methods, the equaliser positions, and baselines made of ComfyUI's own nodes (KSampler and
-KSamplerAdvanced). running.py runs the graphs in ComfyUI's executor, timing every node and
+KSamplerAdvanced), and reference appearance attention alone, with the concept, and as a fast
+preset (group "appearance"). running.py runs the graphs in ComfyUI's executor, timing every node and
 counting its UNet rows; scoring.py scores their outcomes.
 """
 from __future__ import annotations
@@ -214,6 +215,14 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
         g.add("samples", "KSampler", model=MODEL, seed=s.seed, steps=s.steps, cfg=s.cfg, sampler_name="ddim",
               scheduler="ddim_uniform", positive=learned, negative=out("empty"), latent_image=out("blank"), denoise=1.0)
         methods.append(Method("concept samples", "samples", group="samples"))
+    if "appearance" in groups:
+        methods += appearance_methods(g, s, null, learned, with_vct="main" not in groups)
+    if "study" in groups:  # one cheap configuration, rerun under other kernel settings (layers, queries)
+        g.add("ref_ddim", "VCTDDIMInvert", model=MODEL, latent=out("ref_lat"), conditioning=out("empty"),
+              steps=s.steps)
+        node = _sampler(g, "study", s, _null(g, s, "direct"), out("empty"), reference=out("ref_ddim"),
+                        appearance_strength=1.0, appearance_window=1.0)
+        methods.append(Method("study", node, group="study"))
     if "cost" in groups:
         for steps in (100, 250):
             c = _concept(g, s, steps=steps)
@@ -247,6 +256,44 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
         methods.append(Method("caption prompt, untuned null", "rec_untuned", reconstruction="rec_untuned",
                               group="reconstruction"))
     return g, methods
+
+
+# Appearance attention without a learned concept: (strength, window) of the sampler's inputs.
+APPEARANCE_ALONE = ((0.5, 1.0), (1.0, 1.0), (1.0, 0.5))
+# With the learned concept (500 steps): (strength, window).
+APPEARANCE_WITH_CONCEPT = ((0.5, 1.0), (1.0, 1.0))
+# Fast preset candidates: (concept steps or 0 for none, strength, window).
+FAST_CANDIDATES = ((100, 1.0, 1.0), (50, 1.0, 1.0))
+
+
+def appearance_methods(g: Graph, s: Settings, null: str, learned: list, with_vct: bool = True) -> list[Method]:
+    """Add reference appearance attention (the reference DDIM-inverted with the empty prompt, B* by direct
+    inversion) alone, with the learned concept, and as fast presets; return the methods (group 'appearance')."""
+    methods = []
+    if with_vct:
+        methods.append(Method("vct", _sampler(g, "vct", s, null, learned), reconstruction="vct"))
+    g.add("ref_ddim", "VCTDDIMInvert", model=MODEL, latent=out("ref_lat"), conditioning=out("empty"), steps=s.steps)
+    direct = _null(g, s, "direct")
+    if with_vct:
+        methods.append(Method("content direct", _sampler(g, "vct_direct", s, direct, learned),
+                              reconstruction="vct_direct"))
+
+    def appearance(node_id: str, concept: list, strength: float, window: float) -> str:
+        return _sampler(g, node_id, s, direct, concept, reference=out("ref_ddim"), appearance_strength=strength,
+                        appearance_window=window)
+
+    for strength, window in APPEARANCE_ALONE:
+        node = appearance(f"app_{strength}_{window}", out("empty"), strength, window)
+        methods.append(Method(f"appearance {strength} w{window}, no concept", node, reconstruction=node,
+                              group="appearance"))
+    for strength, window in APPEARANCE_WITH_CONCEPT:
+        node = appearance(f"app_c_{strength}_{window}", learned, strength, window)
+        methods.append(Method(f"appearance {strength} w{window} + concept", node, group="appearance"))
+    for steps, strength, window in FAST_CANDIDATES:
+        concept = out(_concept(g, s, steps=steps)) if steps else out("empty")
+        node = appearance(f"fast_{steps}_{strength}_{window}", concept, strength, window)
+        methods.append(Method(f"fast: concept {steps} + app {strength} w{window}", node, group="appearance"))
+    return methods
 
 
 def add_previews(g: Graph, methods: list[Method]) -> dict[tuple[str, str], str]:

@@ -5,6 +5,7 @@ checkpoint served to CheckpointLoaderSimple.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,18 @@ def sequential_accumulation(training_module):
         yield
     finally:
         training_module.training_fits = original
+
+
+@contextlib.contextmanager
+def appearance_settings(vct_ops_module, **fields):
+    """Within the block, the sampler's appearance attention runs with `fields` of vct_ops.AppearanceConfig changed
+    (layers, queries, temperature: settings the node does not expose). `vct_ops_module` is the loaded pack's."""
+    original = vct_ops_module.AppearanceConfig
+    vct_ops_module.AppearanceConfig = functools.partial(original, **fields)
+    try:
+        yield
+    finally:
+        vct_ops_module.AppearanceConfig = original
 
 
 @contextlib.contextmanager

@@ -72,3 +72,29 @@ def test_the_demo_inputs_are_the_subject_tasks_scenes():
         assert picture.shape == (128, 128, 3)
         with Image.open(thumbnails.demo_module().DEMO_DIR / name) as shipped:
             assert np.array_equal(np.asarray(shipped.convert("RGB")), picture), name
+
+
+def test_placement_and_background_scores():
+    import scoring
+
+    scene = world.random_scene(np.random.default_rng(5), texture="striped")
+    image, mask = world.render(scene), world.true_mask(scene)
+    row = scoring.score_image(image, _task(scene, scene))
+    assert row["placement"] == 1.0 and row["background"] > 40 and row["texture_taken"] == 1.0
+    # The same object moved by 3 pixels: the box overlaps less, the background outside both objects is kept.
+    moved = world.render(world.Scene(**{**scene.__dict__, "cx": scene.cx + 3}))
+    row = scoring.score_image(moved, _task(scene, scene))
+    assert 0.2 < row["placement"] < 0.8 and row["background"] > 30
+    # A tinted background lowers the background PSNR, not the placement.
+    tinted = np.clip(image + 0.1 * ~mask[..., None] * np.array([1.0, 0.5, 0.0]), 0, 1)
+    row = scoring.score_image(tinted, _task(scene, scene))
+    assert row["background"] < 25 and row["placement"] == 1.0
+    assert scoring.box_iou(np.array([0, 0, 2, 2]), np.array([1, 1, 3, 3])) == 1 / 7
+    plain = world.random_scene(np.random.default_rng(5), texture="plain")
+    assert "texture_taken" not in scoring.score_image(image, _task(scene, plain))
+
+
+def _task(source, reference):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(source=source, reference=reference)
