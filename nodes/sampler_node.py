@@ -66,6 +66,11 @@ class VCTDualBranchSampler(io.ComfyNode):
                                "paper's VCT. Needs a reference."),
                 io.Float.Input("appearance_window", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of the steps, from the first, in which appearance attention acts."),
+                io.Float.Input("local_blend", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Keeps the source's background: after the first 20% of the steps, the "
+                               "translation takes the reconstruction's latent wherever the concept tokens' "
+                               "attention is below this fraction of its peak. 0: off (the paper's VCT); "
+                               "prompt-to-prompt uses 0.3. Higher confines the change to a smaller region."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="translation",
@@ -78,7 +83,7 @@ class VCTDualBranchSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
                 concept_tokens=0, equalizer="concept_tokens", reference=None, appearance_strength=0.0,
-                appearance_window=1.0) -> io.NodeOutput:
+                appearance_window=1.0, local_blend=0.0) -> io.NodeOutput:
         """Sample both branches and return B and B*."""
         architecture = arch.for_model(model, NODE)
         identity.check_matches_model(inversion, model, NODE)
@@ -97,6 +102,7 @@ class VCTDualBranchSampler(io.ComfyNode):
                                  f"use a {longer} of at most 75 tokens")
         config = tokens.injection_config(source["c_crossattn"], concept, self_injection, cross_injection,
                                          concept_weight, concept_tokens, equalizer, inversion.source_layout, NODE)
+        blend = _local_blend(local_blend, config)
         patched = architecture.inject(model, config, inversion.sigmas, appearance)
         # Each branch's ControlNet: the concept's acts on B, the source's (kept by the inversion) on B*.
         controls = {vct_ops.ROLE_MAIN: branch.control, vct_ops.ROLE_REF: inversion.source_control}
@@ -126,10 +132,14 @@ class VCTDualBranchSampler(io.ComfyNode):
                     callback=progress.step_callback(progress.Progress(steps)), preview=on_preview,
                     ref_trajectory=inversion.trajectory.to(device) if method.corrects_reconstruction else None,
                     guide_main=guidance.cfg_hooks(patched, branch, nulls, shape, device),
+                    local_blend=blend,
                     **_reference_rows(reference if appearance is not None else None, device),
                 )
             finally:
                 patched.cleanup()
+        if blend is not None and result.blend_mask is None:
+            log.warning("%s: local_blend found no cross-attention layer near 1/%d of the latent's side, so it did "
+                        "nothing; set local_blend to 0", NODE, blend.map_factor)
         end = inversion.sigmas[-1]
         return io.NodeOutput(
             latent_out(patched, vct_ops.x_to_latent(result.main, end)),
@@ -153,6 +163,16 @@ def _appearance(model, inversion, reference, strength, window):
     tokens.check_same_length(reference.source_cond["c_crossattn"].shape[1], length, "the reference's prompt",
                              "the source prompt", "invert both images with the same prompt")
     return config
+
+
+def _local_blend(threshold, config):
+    """Return the local-blend settings on the concept tokens (None when off), or raise naming the input to fix."""
+    if threshold == 0:
+        return None
+    try:
+        return vct_ops.BlendConfig(threshold=float(threshold), positions=config.concept_positions)
+    except ValueError as error:
+        raise ValueError(f"{NODE}: {error}; set local_blend between 0 (off) and 1") from None
 
 
 def _reference_rows(reference, device) -> dict:

@@ -129,4 +129,5 @@ def injection_config(source: torch.Tensor, concept: list, self_fraction: float, 
     source_ids, target_ids = token_layouts(source, source_layout, concept, concept_tokens, node)
     mapper, alphas = vct_ops.refine_mapping(source_ids, target_ids, length)
     weights = vct_ops.token_weights(length, equalizer_positions(target_ids, equalizer), concept_weight)
-    return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights)
+    return vct_ops.InjectionConfig(self_fraction, cross_fraction, mapper, alphas, weights,
+                                   concept_positions=tuple(equalizer_positions(target_ids, "concept_tokens")))

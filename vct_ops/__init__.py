@@ -33,6 +33,7 @@ from .concept import (
 from .conditioning import Cond, cond_cat, cond_detach, cond_leaves, cond_map
 from .ddim import cfg, ddim_invert, ddim_invert_step, ddim_sample, ddim_step, guided_denoise, latent_to_x, x_to_latent
 from .dual_branch import DualBranchResult, Guidance, dual_branch_sample
+from .local_blend import BLEND_KEY, BlendConfig, MaskAccumulator, blend_step
 from .null_text import NullTextResult, fixed_null_embeddings, null_text_invert
 from .scaling import LossScale
 from .schedule import (
@@ -86,6 +87,10 @@ __all__ = [
     "x_to_latent",
     "DualBranchResult",
     "dual_branch_sample",
+    "BLEND_KEY",
+    "BlendConfig",
+    "MaskAccumulator",
+    "blend_step",
     "NullTextResult",
     "LossScale",
     "fixed_null_embeddings",

@@ -6,7 +6,8 @@ tags every row of its batch with a role in `extra_options[ROLES_KEY]`: `"uncond"
 reconstruction branch B*), `"main"` (the translation branch B) or `"appearance"` (the reference
 image R, when appearance attention is on). Only the conditional rows of B are changed, and only
 inside step windows that are derived from the current sigma. Nothing is kept across calls, so no
-attention map outlives the layer that computed it.
+attention map outlives the layer that computed it, except what the sampler asks for: with local
+blend, B's maps at the concept tokens are added into the run's accumulator (local_blend.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .appearance import ROLE_APPEARANCE, AppearanceConfig, AppearanceWindow, appearance_queries, blend
+from .local_blend import BLEND_KEY
 from .schedule import window_sigma
 
 ROLES_KEY = "vct_roles"
@@ -162,6 +164,9 @@ class InjectionConfig:
     # injected: 1/4 gives the reference's 32x32 limit for 64x64 latents (SD1.5 at 512 px), and
     # scales with resolution so that SDXL at 1024 px behaves alike.
     self_area_fraction: float = 0.25
+    # Positions of the concept's own tokens in B's prompt (those no source token aligns to): where
+    # local blend reads B's maps.
+    concept_positions: tuple = ()
 
     def refine_effect(self, keys: int) -> str:
         """Return what the refine does to B's cross-attention maps over `keys` tokens: KEEP, BORROW or MIX."""
@@ -254,6 +259,10 @@ class AttentionController:
     def cross_attention(self, q, k, v, extra_options: dict, prev: Optional[ReplaceFn] = None) -> torch.Tensor:
         """Return cross-attention where B's maps take B*'s at aligned tokens, with concept tokens re-weighted."""
         pairs = _role_rows(extra_options, q.shape[0])
+        store = extra_options.get(BLEND_KEY)
+        if pairs is not None and store is not None and store.wants(q.shape[1]):
+            # B's own maps, before any refine (what prompt-to-prompt's blend reads).
+            store.record(attention_probs(q[pairs[1]], k[pairs[1]], extra_options["n_heads"]))
         if pairs is None or not self.cross_active(extra_options):
             return self._plain(q, k, v, extra_options, prev)
         ref, main = pairs

@@ -16,6 +16,8 @@ from .appearance import ROLE_APPEARANCE
 from .attention import BRANCHES_KEY, ROLE_MAIN, ROLE_REF, ROLE_UNCOND, ROLES_KEY
 from .conditioning import Cond, cond_cat, match_batch
 from .ddim import Denoiser, StepCallback, cfg, ddim_step, sigma_batch
+from .local_blend import BLEND_KEY, BlendConfig, MaskAccumulator, blend_step
+from .schedule import steps_in_window
 from .validate import check_latent, check_sigmas
 
 # How B's guided estimate is formed from its rows: (x, sigma, cond denoised, uncond denoised,
@@ -29,6 +31,9 @@ class DualBranchResult:
 
     main: torch.Tensor
     ref: torch.Tensor
+    # Local blend's last mask `[rows, 1, H, W]` (1 where B kept its own latent); None when the blend
+    # was off or no cross-attention layer gave maps.
+    blend_mask: Optional[torch.Tensor] = None
 
 
 def dual_branch_sample(
@@ -46,6 +51,7 @@ def dual_branch_sample(
     guide_main: Optional[Guidance] = None,
     appearance_trajectory: Optional[torch.Tensor] = None,
     appearance_cond: Optional[Cond] = None,
+    local_blend: Optional[BlendConfig] = None,
 ) -> DualBranchResult:
     """Return B and B* after sampling both from `x_T` with CFG, one four-row model call per step.
 
@@ -61,6 +67,9 @@ def dual_branch_sample(
     own conditioning `appearance_cond`), one more row group R rides along, tagged "appearance":
     at every step R sits on that trajectory at the same step, so attention control can let B read
     its keys and values; R's prediction is not used. Without it, nothing changes.
+    With an enabled `local_blend`, the attention patches add B's maps at its concept tokens into
+    an accumulator (transformer option BLEND_KEY), and after every step from the blend's start B
+    takes B*'s latent outside the mask they give (prompt-to-prompt's LocalBlend).
     """
     check_latent("x_T", x_T)
     check_sigmas("sigmas", sigmas)
@@ -93,6 +102,11 @@ def dual_branch_sample(
         appearance_cond = match_batch(appearance_cond, rows)
         roles, branches, groups = roles + [ROLE_APPEARANCE] * rows, branches + [ROLE_APPEARANCE] * rows, 5
     base_options = dict(transformer_options or {})
+    masks, blend_from, mask = None, steps + 1, None
+    if local_blend is not None and local_blend.enabled:
+        masks = MaskAccumulator(local_blend, x_T.shape)
+        base_options[BLEND_KEY] = masks
+        blend_from = steps_in_window(sigmas, local_blend.start_fraction)
     x_ref, x_main = x_T, x_T
     with torch.no_grad():
         for i in range(steps):
@@ -121,6 +135,9 @@ def dual_branch_sample(
             if ref_trajectory is not None:
                 # Adding (target - x_ref) lands B* on the trajectory exactly; B keeps its own path.
                 x_ref = ref_trajectory[steps - i - 1].to(x_ref)
+            if masks is not None and i >= blend_from:
+                mask = masks.mask()
+                x_main = blend_step(x_main, x_ref, mask)
             if callback is not None:
                 callback(i + 1, steps, x_main)
-    return DualBranchResult(main=x_main, ref=x_ref)
+    return DualBranchResult(main=x_main, ref=x_ref, blend_mask=mask)

@@ -82,6 +82,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--appearance-tasks", type=int, default=0,
                    help="run reference appearance attention (alone, with the concept, fast presets) on the first "
                    "N tasks")
+    p.add_argument("--cast-tasks", type=int, default=0,
+                   help="on the first N tasks, the rows that look for the background cast's origin")
+    p.add_argument("--blend-tasks", type=int, default=0, help="on the first N tasks, VCT with local blend")
+    p.add_argument("--fast-tasks", type=int, default=0, help="on the first N tasks, the fast configurations")
     p.add_argument("--study-tasks", type=int, default=0,
                    help="on the first N tasks, rerun appearance attention alone under each layer/query setting")
     p.add_argument("--study-round", type=int, default=1, choices=(1, 2, 3, 4), help="which study settings to run")
@@ -195,6 +199,12 @@ def main() -> int:
             groups = [] if args.no_main else ["main"]
             if task.index < args.appearance_tasks:
                 groups.append("appearance")
+            if task.index < args.cast_tasks:
+                groups.append("cast")
+            if task.index < args.blend_tasks:
+                groups.append("blend")
+            if task.index < args.fast_tasks:
+                groups.append("fast")
             if task.index < args.cost_tasks:
                 groups.append("cost")
             if task.index < args.reconstruction_tasks:

@@ -223,6 +223,21 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
         node = _sampler(g, "study", s, _null(g, s, "direct"), out("empty"), reference=out("ref_ddim"),
                         appearance_strength=1.0, appearance_window=1.0)
         methods.append(Method("study", node, group="study"))
+    if "cast" in groups:  # where the background cast comes from: guidance, equaliser, the concept itself
+        direct = _null(g, s, "direct")
+        for scale in (1.0, 3.0):
+            node = _sampler(g, f"cast_cfg_{scale}", s, direct, learned, cfg=scale)
+            methods.append(Method(f"cast: direct, cfg {scale:g}", node, group="cast"))
+        methods.append(Method("cast: no equaliser (weight 1)", _sampler(g, "cast_eq1", s, null, learned,
+                                                                         concept_weight=1.0), group="cast"))
+        methods.append(Method("cast: source prompt as concept (B = B*)", _sampler(g, "cast_same", s, null,
+                                                                                   out("empty")), group="cast"))
+    if "blend" in groups:  # local blend on VCT's defaults: the background kept by B*'s latent
+        for threshold in BLEND_THRESHOLDS:
+            node = _sampler(g, f"blend_{threshold}", s, null, learned, local_blend=threshold)
+            methods.append(Method(f"VCT + local blend {threshold}", node, group="blend"))
+    if "fast" in groups:
+        methods += fast_methods(g, s, null, learned, with_vct="main" not in groups and "appearance" not in groups)
     if "cost" in groups:
         for steps in (100, 250):
             c = _concept(g, s, steps=steps)
@@ -293,6 +308,63 @@ def appearance_methods(g: Graph, s: Settings, null: str, learned: list, with_vct
         concept = out(_concept(g, s, steps=steps)) if steps else out("empty")
         node = appearance(f"fast_{steps}_{strength}_{window}", concept, strength, window)
         methods.append(Method(f"fast: concept {steps} + app {strength} w{window}", node, group="appearance"))
+    return methods
+
+
+# Local blend thresholds measured on VCT's defaults (prompt-to-prompt's 0.3 and around it).
+BLEND_THRESHOLDS = (0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class Fast:
+    """A fast configuration: sampling steps, a short concept run (0 steps: none), appearance and local blend."""
+
+    label: str
+    steps: int = 25
+    concept_steps: int = 50
+    learning_rate: float = 2e-3
+    grad_accum: int = 1
+    appearance: float = 0.0
+    local_blend: float = 0.0
+
+
+FAST = (
+    Fast("fast: 25 steps, concept 50 x1 lr 2e-3"),
+    Fast("fast: 25 steps, concept 100 x1 lr 2e-3", concept_steps=100),
+    Fast("fast: 25 steps, concept 50 x1 lr 5e-3", learning_rate=5e-3),
+    Fast("fast: 25 steps, concept 25 x1 lr 5e-3", concept_steps=25, learning_rate=5e-3),
+    Fast("fast: 25 steps, concept 50 x1 lr 2e-3, blend 0.3", local_blend=0.3),
+    Fast("fast: 25 steps, appearance 0.5, no concept", concept_steps=0, appearance=0.5),
+    Fast("fast: 50 steps, concept 100 x1 lr 2e-3", steps=50, concept_steps=100),
+)
+
+
+def fast_methods(g: Graph, s: Settings, null: str, learned: list, with_vct: bool = True,
+                 presets: tuple = FAST) -> list[Method]:
+    """Add the fast configurations (each with `direct` content inversion at its own step count); return the methods
+    (group 'fast')."""
+    methods = []
+    if with_vct:
+        methods.append(Method("vct", _sampler(g, "vct", s, null, learned), reconstruction="vct"))
+    for i, f in enumerate(presets):
+        fs = replace(s, steps=f.steps, concept_steps=f.concept_steps, learning_rate=f.learning_rate,
+                     grad_accum=f.grad_accum)
+        ddim = "ddim" if f.steps == s.steps else g.add(f"ddim_{f.steps}", "VCTDDIMInvert", model=MODEL,
+                                                       latent=out("src_lat"), conditioning=out("empty"), steps=f.steps)
+        direct = g.add(f"direct_{f.steps}", "VCTNullTextInvert", model=MODEL, inversion=out(ddim), cfg=s.cfg,
+                       inner_steps=s.inner_steps, early_stop=s.early_stop, method="direct")
+        if f.concept_steps:
+            concept = out(_concept(g, fs, suffix=f"_fast_{f.concept_steps}_{f.learning_rate}_{f.grad_accum}"))
+        else:
+            concept = out("empty")
+        extra = {}
+        if f.appearance:
+            ref = g.add(f"ref_ddim_{f.steps}", "VCTDDIMInvert", model=MODEL, latent=out("ref_lat"),
+                        conditioning=out("empty"), steps=f.steps)
+            extra = dict(reference=out(ref), appearance_strength=f.appearance, appearance_window=1.0)
+        if f.local_blend:
+            extra["local_blend"] = f.local_blend
+        methods.append(Method(f.label, _sampler(g, f"fast_{i}", s, direct, concept, **extra), group="fast"))
     return methods
 
 
