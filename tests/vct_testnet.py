@@ -196,3 +196,103 @@ def tiny_denoiser(seed: int = 0, prompt_via_maps: bool = False) -> EpsDenoiser:
     for p in net.parameters():
         p.requires_grad_(False)
     return EpsDenoiser(net)
+
+
+# ----------------------------------------------------------------------------------------------
+# A joint-attention transformer (the MM-DiT layout of SD3 and Flux) on the flow ODE
+# ----------------------------------------------------------------------------------------------
+
+JOINT_HOOK = "joint_attention"  # transformer option: fn(q, k, v, text, extra) -> out, as the glue installs it
+
+
+class JointBlock(nn.Module):
+    """Text and image streams with their own projections, one attention over `[text | image]`."""
+
+    def __init__(self, dim: int, heads: int, index: int, prompt_via_maps: bool = False) -> None:
+        super().__init__()
+        self.heads, self.index, self.prompt_via_maps = heads, index, prompt_via_maps
+        self.norm_txt, self.norm_img = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv_txt, self.qkv_img = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.out_txt, self.out_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.mlp_img = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp_txt = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, txt, img, emb, options):
+        text = txt.shape[1]
+        qkv = torch.cat([self.qkv_txt(self.norm_txt(txt + emb)), self.qkv_img(self.norm_img(img + emb))], dim=1)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if self.prompt_via_maps:
+            # The prompt only steers where the image looks (its queries and keys); the values, and
+            # so the content moved around, come from the image alone.
+            steered = self.qkv_img(self.norm_img(img + emb + txt.mean(dim=1, keepdim=True)))
+            q_img, k_img, _ = steered.chunk(3, dim=-1)
+            q = torch.cat([q[:, :text], q_img], dim=1)
+            k = torch.cat([k[:, :text], k_img], dim=1)
+            v = torch.cat([torch.zeros_like(v[:, :text]), v[:, text:]], dim=1)
+        hook = options.get(JOINT_HOOK)
+        if hook is not None:
+            extra = {name: value for name, value in options.items() if name != JOINT_HOOK}
+            extra.update(n_heads=self.heads, block_index=self.index)
+            out = hook(q, k, v, text, extra)
+        else:
+            out = vct_ops.sdpa_attention(q, k, v, self.heads)
+        txt = txt + self.out_txt(out[:, :text])
+        img = img + self.out_img(out[:, text:])
+        return txt + self.mlp_txt(txt), img + self.mlp_img(img)
+
+
+class TinyJointDiT(nn.Module):
+    """Patchified latent (2x2) and text tokens through joint blocks; predicts the flow velocity."""
+
+    def __init__(self, dim: int = 32, context_dim: int = 64, heads: int = 4, depth: int = 2,
+                 latent_channels: int = 4, prompt_via_maps: bool = False) -> None:
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.img_in = nn.Linear(4 * latent_channels, dim)
+        self.txt_in = nn.Linear(context_dim, dim)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.position = nn.Parameter(torch.randn(64, dim) * 0.5)
+        self.blocks = nn.ModuleList(JointBlock(dim, heads, i, prompt_via_maps) for i in range(depth))
+        self.img_out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * latent_channels))
+
+    def forward(self, x, sigma, context, options=None):
+        options = dict(options or {})
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+        img = self.img_in(tokens) + self.position[: tokens.shape[1]]
+        half = img.shape[-1] // 2
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=x.device) / half)
+        arg = 1000.0 * sigma[:, None] * freqs[None]
+        emb = self.time_mlp(torch.cat([arg.sin(), arg.cos()], dim=-1))[:, None]
+        txt = self.txt_in(context)
+        for block in self.blocks:
+            txt, img = block(txt, img, emb, options)
+        out = self.img_out(img).reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c, h, w)
+
+
+class FlowDenoiser:
+    """Wraps a velocity-predicting network in the kernel's contract, as ComfyUI's CONST sampling does."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def __call__(self, x, sigma, cond, transformer_options=None):
+        return x - sigma.view(-1, 1, 1, 1) * self.net(x, sigma, cond, transformer_options)
+
+
+def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """Return a shifted flow schedule (ComfyUI's ModelSamplingDiscreteFlow, shift 3 as SD3), descending; the
+    last step repeats the smallest sigma, as the DDIM schedule does."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    sigmas = shift * t / (1 + (shift - 1) * t)
+    return torch.cat([sigmas, sigmas[-1:]]).float()
+
+
+def tiny_flow_denoiser(seed: int = 0, prompt_via_maps: bool = False) -> FlowDenoiser:
+    """Return a seeded tiny joint-attention flow denoiser."""
+    torch.manual_seed(seed)
+    net = init_like_design(TinyJointDiT(prompt_via_maps=prompt_via_maps)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return FlowDenoiser(net)

@@ -81,6 +81,9 @@ def init_tiny_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
                 p.zero_()
             elif isinstance(m, _NORMS) and p_name == "weight":
                 p.fill_(1.0)
+            elif p.ndim == 1 and p_name in ("weight", "scale") and "Norm" in type(m).__name__:
+                # RMS norms (Flux's and SD3.5's qk-norms, T5's layer norms) scale by this vector.
+                p.fill_(1.0)
             elif p.ndim >= 2:
                 # generate in fp32 on CPU, then cast: same values whatever the storage dtype/device
                 w = torch.empty(p.shape, dtype=torch.float32)

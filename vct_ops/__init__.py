@@ -31,8 +31,21 @@ from .concept import (
     reference_latent_sampler,
 )
 from .conditioning import Cond, cond_cat, cond_detach, cond_leaves, cond_map
-from .ddim import cfg, ddim_invert, ddim_invert_step, ddim_sample, ddim_step, guided_denoise, latent_to_x, x_to_latent
+from .ddim import (
+    DIFFUSION,
+    FLOW,
+    StateSpace,
+    cfg,
+    ddim_invert,
+    ddim_invert_step,
+    ddim_sample,
+    ddim_step,
+    guided_denoise,
+    latent_to_x,
+    x_to_latent,
+)
 from .dual_branch import DualBranchResult, Guidance, dual_branch_sample
+from .joint_attention import LATENT_SHAPE_KEY, JointAttentionController
 from .local_blend import BLEND_KEY, BlendConfig, MaskAccumulator, blend_step
 from .null_text import NullTextResult, fixed_null_embeddings, null_text_invert
 from .scaling import LossScale
@@ -84,6 +97,11 @@ __all__ = [
     "ddim_step",
     "guided_denoise",
     "latent_to_x",
+    "JointAttentionController",
+    "LATENT_SHAPE_KEY",
+    "StateSpace",
+    "DIFFUSION",
+    "FLOW",
     "x_to_latent",
     "DualBranchResult",
     "dual_branch_sample",

@@ -13,14 +13,16 @@ from typing import Callable, Optional
 import torch
 
 from .conditioning import Cond, cond_batch, cond_detach, cond_leaves, cond_map, cond_repeat
-from .ddim import Denoiser
+from .ddim import DIFFUSION, FLOW, Denoiser
 from .scaling import LossScale
 from .validate import check_finite, check_latent, check_steps
 
 LatentSampler = Callable[[torch.Generator], torch.Tensor]
 VectorEncoder = Callable[[Cond], Cond]  # concept vectors -> conditioning
 ProgressCallback = Callable[[int, int], None]
-PREDICTION_TYPES = ("eps", "v")
+# The model's training target: noise (SD1.x, SDXL), v (SD2.x 768-v), or the flow velocity
+# noise - z0 (rectified-flow models: SD3, Flux).
+PREDICTION_TYPES = ("eps", "v", "flow")
 
 
 @dataclass(frozen=True)
@@ -102,20 +104,25 @@ def concept_loss(
     prediction: str = "eps",
     l1_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Return the training loss: MSE on the model's native target (noise or v) plus `l1_weight` * L1 of predicted z0.
+    """Return the training loss: MSE on the model's native target (noise, v or flow velocity) plus `l1_weight` *
+    L1 of predicted z0.
 
-    `sigma` holds one noise level per row; the noisy state is `x = z0 + sigma * noise`.
+    `sigma` holds one noise level per row; the noisy state is `x = z0 + sigma * noise`, or
+    `(1 - sigma) * z0 + sigma * noise` for a flow model.
     """
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
     s = sigma.view(-1, *([1] * (z0.dim() - 1))).to(z0)
-    x = z0 + s * noise
+    x = (FLOW if prediction == "flow" else DIFFUSION).noised(z0, noise, s)
     if cond is not None and cond_batch(cond) == 1 and z0.shape[0] > 1:
         cond = cond_repeat(cond, z0.shape[0])
     denoised = denoise(x, sigma.to(z0), cond, None)
     eps_hat = (x - denoised) / s
     if prediction == "eps":
         loss = torch.mean((eps_hat - noise) ** 2)
+    elif prediction == "flow":
+        # (x - denoised) / sigma is the predicted velocity on the flow ODE.
+        loss = torch.mean((eps_hat - (noise - z0)) ** 2)
     else:
         # v = sqrt(alpha_bar) * (noise - sigma * z0) in latent units.
         alpha_bar = 1.0 / (1.0 + s * s)

@@ -6,6 +6,7 @@ v- and x0-prediction models all work: the noise is recovered as `(x - denoised) 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -27,6 +28,43 @@ class Denoiser(Protocol):
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class StateSpace:
+    """How a sampler state relates to the latent at a noise level, as the family's ComfyUI model sampling defines it.
+
+    `diffusion` (ComfyUI's EPS and V_PREDICTION, the SD UNets): the state is `x = z / sqrt(alpha_bar)
+    = z0 + sigma * eps`, so one latent is a different state at each sigma. `flow` (ComfyUI's CONST,
+    rectified-flow models such as SD3 and Flux): the state is the noisy latent itself,
+    `x = (1 - sigma) * z0 + sigma * eps`. In both, ComfyUI's Euler step `x + (sigma' - sigma) *
+    (x - denoised) / sigma` is deterministic DDIM (on the flow ODE: its Euler method), so every
+    kernel step is the same function; only re-expressing a latent at another sigma and the noising
+    of a clean latent differ.
+    """
+
+    name: str
+
+    @property
+    def flow(self) -> bool:
+        """Return whether the state is the noisy latent itself (rectified flow)."""
+        return self.name == "flow"
+
+    def to_state(self, z: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """Return the sampler state of the latent `z` at `sigma`."""
+        return z if self.flow else latent_to_x(z, sigma)
+
+    def to_latent(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """Return the latent of the sampler state `x` at `sigma`."""
+        return x if self.flow else x_to_latent(x, sigma)
+
+    def noised(self, z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Return the state of the clean latent `z0` with `noise` at `sigma` (broadcast over rows)."""
+        return (1.0 - sigma) * z0 + sigma * noise if self.flow else z0 + sigma * noise
+
+    def latent_square_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Return the factor that turns a squared error between states at `sigma` into latent units."""
+        return torch.ones_like(sigma) if self.flow else 1.0 / (1.0 + sigma * sigma)
+
+
 def latent_to_x(z: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """Return the sampler state `z / sqrt(alpha_bar) = z * sqrt(1 + sigma^2)` of a latent at `sigma`."""
     return z * (1.0 + torch.as_tensor(sigma, dtype=z.dtype, device=z.device) ** 2).sqrt()
@@ -35,6 +73,10 @@ def latent_to_x(z: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
 def x_to_latent(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """Return the latent `x * sqrt(alpha_bar)` of a sampler state at `sigma`."""
     return x / (1.0 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2).sqrt()
+
+
+DIFFUSION = StateSpace("diffusion")
+FLOW = StateSpace("flow")
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -60,14 +102,16 @@ def ddim_invert_step(
     cond: Cond,
     uncond: Optional[Cond] = None,
     guidance: float = 1.0,
+    space: StateSpace = DIFFUSION,
 ) -> torch.Tensor:
     """Return the state one inversion step up, from `sigma` to the larger `sigma_next`.
 
     As in the reference code (and DDIM inversion generally), the noise is predicted at the
     destination noise level from the current latent, `eps(z_current, t_next)`; the current
-    latent is re-expressed at `sigma_next` so the model sees exactly that input.
+    latent is re-expressed at `sigma_next` so the model sees exactly that input. On the flow ODE
+    the latent is the state, so the velocity is read at the current state and the next sigma.
     """
-    x_eval = latent_to_x(x_to_latent(x, sigma), sigma_next)
+    x_eval = space.to_state(space.to_latent(x, sigma), sigma_next)
     denoised = guided_denoise(denoise, x_eval, sigma_next, cond, uncond, guidance)
     eps = (x_eval - denoised) / sigma_next
     return x + eps * (sigma_next - sigma)
@@ -106,11 +150,13 @@ def ddim_invert(
     uncond: Optional[Cond] = None,
     guidance: float = 1.0,
     callback: Optional[StepCallback] = None,
+    space: StateSpace = DIFFUSION,
 ) -> torch.Tensor:
     """Return the DDIM inversion trajectory `[T + 1, B, C, H, W]` from `x0` (at `sigmas[-1]`) up to `sigmas[0]`.
 
     `sigmas` is the sampling schedule (descending); inversion walks it backwards. Guidance 1
-    (the default, as the reference code) uses the conditional prediction only.
+    (the default, as the reference code) uses the conditional prediction only. `space` is the
+    model's state space (FLOW for rectified-flow models: Euler inversion of the flow ODE).
     """
     check_latent("x0", x0)
     check_sigmas("sigmas", sigmas)
@@ -125,7 +171,7 @@ def ddim_invert(
         for i in range(steps):
             sigma, sigma_next = rising[i], rising[i + 1]
             if sigma_next != sigma:  # identity steps (the reference's step at t = 0) need no model call
-                x = ddim_invert_step(denoise, x, sigma, sigma_next, cond, uncond, guidance)
+                x = ddim_invert_step(denoise, x, sigma, sigma_next, cond, uncond, guidance, space)
             trajectory.append(x)
             if callback is not None:
                 callback(i + 1, steps, x)

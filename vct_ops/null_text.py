@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .conditioning import Cond, cond_detach, cond_leaves, cond_map, match_batch
-from .ddim import Denoiser, cfg, ddim_step, sigma_batch
+from .ddim import DIFFUSION, Denoiser, StateSpace, cfg, ddim_step, sigma_batch
 from .scaling import LossScale
 from .validate import check_finite, check_sigmas, check_steps
 
@@ -29,10 +29,12 @@ class NullTextResult:
     iterations: list[int] = field(default_factory=list)
 
 
-def _z_space_mse(x_pred: torch.Tensor, x_target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _z_space_mse(x_pred: torch.Tensor, x_target: torch.Tensor, sigma: torch.Tensor,
+                 space: StateSpace = DIFFUSION) -> torch.Tensor:
     # The reference measures the error on latents z = x / sqrt(1 + sigma^2); its early-stop
-    # thresholds are in those units, so the x-space error is rescaled to match.
-    return torch.mean((x_pred - x_target) ** 2) / (1.0 + sigma * sigma)
+    # thresholds are in those units, so the state-space error is rescaled to match (a flow
+    # model's state is already a latent).
+    return torch.mean((x_pred - x_target) ** 2) * space.latent_square_scale(sigma)
 
 
 def null_text_invert(
@@ -48,6 +50,7 @@ def null_text_invert(
     learning_rate: float = 1e-2,
     progress: Optional[ProgressCallback] = None,
     loss_scale: float = 2.0**14,
+    space: StateSpace = DIFFUSION,
 ) -> NullTextResult:
     """Return the per-step null embeddings that make CFG sampling from `trajectory[-1]` retrace `trajectory`.
 
@@ -56,7 +59,8 @@ def null_text_invert(
     iterations and stops once the loss is below `early_stop + i * early_stop_slope`, as the
     reference code does. Only the null embedding receives gradients; the conditional prediction
     is computed once per step without gradient. Gradients go through a dynamic `loss_scale` so a
-    half-precision model does not flush them to zero (no effect in float32).
+    half-precision model does not flush them to zero (no effect in float32). `space` is the
+    model's state space (the loss is measured in latent units either way).
     """
     check_sigmas("sigmas", sigmas)
     steps = sigmas.numel() - 1
@@ -84,7 +88,7 @@ def null_text_invert(
             if sigma_next == sigma:
                 # Identity step: the latent does not move whatever phi is; nothing to optimise.
                 embeddings.append(cond_detach(phi))
-                losses.append(float(_z_space_mse(x, target, sigma_next)))
+                losses.append(float(_z_space_mse(x, target, sigma_next, space)))
                 iterations.append(0)
                 if progress is not None:
                     progress((i + 1) * inner_steps, total)
@@ -100,7 +104,7 @@ def null_text_invert(
             for j in range(inner_steps):
                 den_uncond = denoise(x, sig, phi, None)
                 x_prev = ddim_step(x, sigma, sigma_next, cfg(den_uncond, den_cond, guidance))
-                loss = _z_space_mse(x_prev, target, sigma_next)
+                loss = _z_space_mse(x_prev, target, sigma_next, space)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.backward(loss, inputs=cond_leaves(phi))
                 if scaler.unscale(cond_leaves(phi)):

@@ -12,7 +12,7 @@ from typing import Optional
 import comfy.model_management
 import torch
 
-from ...vct_ops import BRANCHES_KEY, ROLE_UNCOND, ROLES_KEY
+from ...vct_ops import BRANCHES_KEY, LATENT_SHAPE_KEY, ROLE_UNCOND, ROLES_KEY
 from .. import arch, compat
 from .controls import ALL_ROWS, OutOfPlaceResidual, scatter_residuals
 
@@ -86,6 +86,8 @@ class Denoiser:
             options.setdefault("cond_or_uncond", [0] * x.shape[0])
         options.setdefault("sigmas", sigma)
         options["uuids"] = [self.uuids[c] for c in options["cond_or_uncond"]]
+        # Joint-attention models do not tell their attention the latent's size; the glue needs it.
+        options[LATENT_SHAPE_KEY] = list(x.shape)
         if self.sample_sigmas is not None:
             options.setdefault("sample_sigmas", self.sample_sigmas)
         self.calls += 1

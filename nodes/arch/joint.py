@@ -1,0 +1,74 @@
+"""VCT's dual-branch control on the joint attention of rectified-flow transformers (SD3's MMDiT, Flux).
+
+Both families send every joint-attention call through ComfyUI's `optimized_attention` with the
+call's transformer options, where ComfyUI calls an `optimized_attention_override` if one is set.
+VCT's override finds the text length (the joint sequence is `[text | image]`, image tokens from
+2x2 patches of the latent) and hands `[rows, tokens, heads * d]` tensors to the kernel's
+`JointAttentionController`; calls without VCT's row roles go to ComfyUI's attention unchanged. The
+text encoders' attention passes no transformer options, so it is never touched.
+
+Layouts at the override: SD3 passes q, k as `[rows, L, heads * d]` and v as `[rows, L, heads, d]`,
+`heads` by keyword; Flux passes q, k, v as `[rows, heads, L, d]` (RoPE applied) with
+`skip_reshape=True`, `heads` positionally. Both expect `[rows, L, heads * d]` back.
+
+Not yet an `Architecture`: the families' text side (T5 and CLIP token layouts, concept learning
+through T5) is still to come, so no node serves these models yet.
+"""
+from __future__ import annotations
+
+import math
+
+from ... import vct_ops
+
+PATCH = 2  # SD3's and Flux's patch side in latent pixels
+
+
+def image_tokens(latent_shape) -> int:
+    """Return how many image tokens a latent of `latent_shape` `[rows, C, H, W]` gives (padded to whole patches)."""
+    return math.ceil(latent_shape[-2] / PATCH) * math.ceil(latent_shape[-1] / PATCH)
+
+
+class JointOverride:
+    """ComfyUI's `optimized_attention_override` carrying VCT's joint-attention control, wrapping a previous one."""
+
+    def __init__(self, controller: vct_ops.JointAttentionController, previous=None) -> None:
+        """Bind the run's controller and the override that was set before (called for everything VCT leaves alone)."""
+        self.controller, self.previous = controller, previous
+
+    def _plain(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        """Return the attention output, controlled where the call carries VCT's rows."""
+        options = kwargs.get("transformer_options") or {}
+        shape = options.get(vct_ops.LATENT_SHAPE_KEY)
+        if options.get(vct_ops.ROLES_KEY) is None or shape is None or kwargs.get("mask") is not None:
+            return self._plain(func, args, kwargs)
+        q, k, v = args[:3]
+        heads = kwargs["heads"] if "heads" in kwargs else args[3]
+        if kwargs.get("skip_reshape"):  # Flux: [rows, heads, L, d]
+            q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))
+        elif v.dim() == 4:  # SD3: v is [rows, L, heads, d]
+            v = v.flatten(2)
+        text = q.shape[1] - image_tokens(shape)
+
+        def attention(q_, k_, v_, heads_, extra):
+            # ComfyUI's attention (or the override before ours) for the rows VCT computes fused, in
+            # the [rows, L, heads * d] layout; `_inside_attn_wrapper` stays, so it does not call us again.
+            rest = {key: value for key, value in kwargs.items() if key not in ("heads", "skip_reshape", "mask")}
+            return self._plain(func, (q_, k_, v_), {**rest, "heads": heads_})
+
+        return self.controller.joint_attention(q, k, v, text, {**options, "n_heads": heads}, attention=attention)
+
+
+def joint_controlled_clone(model, controller: vct_ops.JointAttentionController):
+    """Return a clone of `model` whose joint attention runs under `controller`, wrapping an override already set."""
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    # The clone's options are its own copy (ModelPatcher.clone copies model_options), so the
+    # original model keeps its override.
+    options["optimized_attention_override"] = JointOverride(controller, options.get("optimized_attention_override"))
+    return clone
+
