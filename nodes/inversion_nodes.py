@@ -67,14 +67,15 @@ class VCTDDIMInvert(io.ComfyNode):
             log.warning("%s: %d steps do not divide %d; the inversion stops at t = %d, short of the usual top",
                         node, steps, train_sigmas.numel(), (steps - 1) * (train_sigmas.numel() // steps))
         device = model.load_device
+        space = identity.state_space(model)
         # A ControlNet on the source prompt stays with the inversion: null-text inversion and B* in
         # the sampler run with it, so B* still rebuilds the source.
         with controls_ready(model, [source.control]) as control_models:
             denoiser.load(model, control_models)
             trajectory = vct_ops.ddim_invert(
                 denoiser.Denoiser(model, sample_sigmas=sigmas.to(device), controls={ALL_ROWS: source.control}),
-                vct_ops.latent_to_x(z0.to(device), sigmas[-1]), sigmas.to(device),
-                source.model_cond, callback=progress.step_callback(progress.Progress(steps)),
+                space.to_state(z0.to(device), sigmas[-1]), sigmas.to(device),
+                source.model_cond, callback=progress.step_callback(progress.Progress(steps)), space=space,
             )
         data = InversionData(
             trajectory=trajectory.to(comfy.model_management.intermediate_device()),
@@ -165,6 +166,7 @@ class VCTNullTextInvert(io.ComfyNode):
                 inner_steps=inner_steps,
                 early_stop=early_stop,
                 progress=progress.Progress(inversion.steps * inner_steps),
+                space=identity.state_space(model),
             )
         tuned = dataclasses.replace(inversion, null_embeddings=stack_steps(result.embeddings),
                                     null_losses=result.losses, null_iterations=result.iterations, method=method,

@@ -66,11 +66,11 @@ class VCTDualBranchSampler(io.ComfyNode):
                                "paper's VCT. Needs a reference."),
                 io.Float.Input("appearance_window", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of the steps, from the first, in which appearance attention acts."),
-                io.Float.Input("local_blend", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                io.Float.Input("local_blend", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="Keeps the source's background: after the first 20% of the steps, the "
                                "translation takes the reconstruction's latent wherever the concept tokens' "
-                               "attention is below this fraction of its peak. 0: off (the paper's VCT); "
-                               "prompt-to-prompt uses 0.3. Higher confines the change to a smaller region."),
+                               "attention is below this fraction of its peak (prompt-to-prompt's local blend, "
+                               "0.3). 0: off, the paper's VCT. Higher confines the change to a smaller region."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="translation",
@@ -83,7 +83,7 @@ class VCTDualBranchSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
                 concept_tokens=0, equalizer="concept_tokens", reference=None, appearance_strength=0.0,
-                appearance_window=1.0, local_blend=0.0) -> io.NodeOutput:
+                appearance_window=1.0, local_blend=0.3) -> io.NodeOutput:
         """Sample both branches and return B and B*."""
         architecture = arch.for_model(model, NODE)
         identity.check_matches_model(inversion, model, NODE)
@@ -137,13 +137,14 @@ class VCTDualBranchSampler(io.ComfyNode):
                 )
             finally:
                 patched.cleanup()
-        if blend is not None and result.blend_mask is None:
-            log.warning("%s: local_blend found no cross-attention layer near 1/%d of the latent's side, so it did "
-                        "nothing; set local_blend to 0", NODE, blend.map_factor)
-        end = inversion.sigmas[-1]
+        if blend is not None and blend.enabled and result.blend_mask is None:
+            log.warning("%s: local_blend found no cross-attention layer whose maps could outline the concept "
+                        "(about 1/%d of the latent's side, at least %d positions), so it did nothing; set "
+                        "local_blend to 0", NODE, blend.map_factor, blend.min_map_positions)
+        end, space = inversion.sigmas[-1], identity.state_space(model)
         return io.NodeOutput(
-            latent_out(patched, vct_ops.x_to_latent(result.main, end)),
-            latent_out(patched, vct_ops.x_to_latent(result.ref, end)),
+            latent_out(patched, space.to_latent(result.main, end)),
+            latent_out(patched, space.to_latent(result.ref, end)),
         )
 
 
@@ -169,6 +170,8 @@ def _local_blend(threshold, config):
     """Return the local-blend settings on the concept tokens (None when off), or raise naming the input to fix."""
     if threshold == 0:
         return None
+    # A concept whose every token aligns with the source prompt's (no words of its own) has no maps
+    # to outline: the blend has nothing to keep apart, and B follows the refine alone.
     try:
         return vct_ops.BlendConfig(threshold=float(threshold), positions=config.concept_positions)
     except ValueError as error:

@@ -43,7 +43,8 @@ def run(setting, blend=None, concept=None, callback=None, direct=False, wrap=Non
 
 
 def blend(threshold, **fields):
-    return vct_ops.BlendConfig(threshold=threshold, map_factor=2, positions=POSITIONS, **fields)
+    # The tiny network's 4x4 level: half the 8x8 latent's side.
+    return vct_ops.BlendConfig(threshold=threshold, map_factor=2, min_map_positions=16, positions=POSITIONS, **fields)
 
 
 def test_off_gives_todays_result_exactly(setting):
@@ -99,8 +100,8 @@ def test_outside_the_mask_b_is_b_star_exactly(setting):
 
 
 def test_mask_from_known_maps():
-    config = vct_ops.BlendConfig(threshold=0.5, map_factor=4, positions=(2,))
-    acc = vct_ops.MaskAccumulator(config, (1, 4, 16, 16))  # maps of 4x4 layers
+    config = vct_ops.BlendConfig(threshold=0.5, map_factor=4, min_map_positions=16, positions=(2,))
+    acc = vct_ops.MaskAccumulator(config, (1, 4, 16, 16))  # maps of 4x4 layers (at least 16 positions)
     assert acc.wants(16) and acc.wants(64) and not acc.wants(256) and not acc.wants(15) and acc.mask() is None
     probs = torch.full((1, 2, 16, 5), 0.01)
     probs[0, :, 0, 2] = 0.9  # only the top-left map cell attends to the concept token
@@ -121,7 +122,8 @@ def test_mask_from_known_maps():
 
 
 def test_a_model_without_the_maps_level_uses_the_nearest():
-    acc = vct_ops.MaskAccumulator(vct_ops.BlendConfig(threshold=0.5, map_factor=4, positions=(0,)), (1, 4, 16, 16))
+    config = vct_ops.BlendConfig(threshold=0.5, map_factor=4, min_map_positions=16, positions=(0,))
+    acc = vct_ops.MaskAccumulator(config, (1, 4, 16, 16))
     probs = torch.full((1, 1, 64, 2), 0.01)  # only 8x8 layers (the maps' level is 4x4)
     probs[0, 0, 63, 0] = 1.0
     acc.record(probs)
@@ -129,6 +131,14 @@ def test_a_model_without_the_maps_level_uses_the_nearest():
     expected = torch.zeros(16, 16)
     expected[12:, 12:] = 1  # the bottom-right 8x8 cell, pooled to 2x2 cells of 2x2 latent positions
     assert torch.equal(mask, expected)
+
+
+def test_maps_have_at_least_their_minimum_of_positions():
+    # A 64x64 latent: prompt-to-prompt's 16x16 maps. A 16x16 latent: 8x8 maps, not 4x4 ones.
+    config = vct_ops.BlendConfig(threshold=0.3, positions=(1,))
+    assert vct_ops.MaskAccumulator(config, (1, 4, 64, 64)).target == 256
+    assert vct_ops.MaskAccumulator(config, (1, 4, 16, 16)).target == 64
+    assert vct_ops.MaskAccumulator(config, (1, 4, 4, 4)).target == 16  # never more than the latent has
 
 
 def test_bad_settings_raise():

@@ -32,8 +32,10 @@ class BlendConfig:
     # layout, and the maps need a few steps to settle.
     start_fraction: float = 0.2
     # Maps come from layers whose side is the latent's divided by this (prompt-to-prompt's 16x16
-    # maps of a 64x64 latent: 4).
+    # maps of a 64x64 latent: 4), but with at least `min_map_positions` positions where the latent
+    # has them: coarser maps cannot outline an object (a 16x16 latent's 4x4 maps, pooled, cover it all).
     map_factor: int = 4
+    min_map_positions: int = 64
     # Token positions in B's prompt whose maps make the mask (the concept tokens).
     positions: Sequence[int] = ()
 
@@ -43,8 +45,10 @@ class BlendConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"local blend {name} must be between 0 and 1, got {value!r}")
-        if not (isinstance(self.map_factor, int) and self.map_factor >= 1):
-            raise ValueError(f"local blend map_factor must be a whole number of at least 1, got {self.map_factor!r}")
+        for name in ("map_factor", "min_map_positions"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"local blend {name} must be a whole number of at least 1, got {value!r}")
 
     @property
     def enabled(self) -> bool:
@@ -59,7 +63,8 @@ class MaskAccumulator:
         """Start empty sums for one sampling run over latents of `latent_shape` ([rows, C, H, W])."""
         self.config = config
         self.latent_size = (int(latent_shape[-2]), int(latent_shape[-1]))
-        self.target = self.latent_size[0] * self.latent_size[1] / config.map_factor**2
+        positions = self.latent_size[0] * self.latent_size[1]
+        self.target = max(positions / config.map_factor**2, min(config.min_map_positions, positions))
         self.totals: dict[int, torch.Tensor] = {}
 
     def wants(self, queries: int) -> bool:

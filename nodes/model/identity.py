@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 
 import comfy.model_base
+import comfy.model_sampling
 import torch
 
+from ... import vct_ops
 from .. import arch
 from ..payloads import InversionData
 
@@ -74,13 +76,21 @@ def train_sigmas(model) -> torch.Tensor:
 
 
 def prediction_type(model) -> str:
-    """Return 'eps' or 'v' for the kernel's concept loss."""
+    """Return 'eps', 'v' or 'flow' for the kernel's concept loss."""
     kind = model.model.model_type
     if kind == comfy.model_base.ModelType.EPS:
         return "eps"
     if kind == comfy.model_base.ModelType.V_PREDICTION:
         return "v"
-    raise ValueError(f"VCT supports eps- and v-prediction models; this model predicts {kind.name}")
+    if state_space(model).flow:
+        return "flow"
+    raise ValueError(f"VCT supports eps-, v-prediction and rectified-flow models; this model predicts {kind.name}")
+
+
+def state_space(model) -> vct_ops.StateSpace:
+    """Return the kernel's state space: FLOW for ComfyUI's CONST model sampling (SD3, Flux), else DIFFUSION."""
+    sampling = model.get_model_object("model_sampling")
+    return vct_ops.FLOW if isinstance(sampling, comfy.model_sampling.CONST) else vct_ops.DIFFUSION
 
 
 def check_reference(reference, inversion, model, node: str) -> None:

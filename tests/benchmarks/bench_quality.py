@@ -37,7 +37,7 @@ COLUMNS = ("structure", "concept", "both", "score", "shape_kept", "placement", "
            "forward", "train", "seconds", "time_ratio")
 HEADER = ("method", "IoU", "concept", "both", "IoUxconc", "shape", "box IoU", "bg PSNR", "texture", "B* PSNR",
           "fwd rows", "fwd+bwd", "time s", "x VCT")
-GRID_METHODS = ("vct", "SDEdit 0.75", "plain CFG from z*_T")
+GRID_METHODS = ("vct", "fast preset", "SDEdit 0.75", "plain CFG from z*_T")
 # Appearance attention alone (strength 1, every step) under kernel settings the node does not expose.
 STUDY = {
     "decoder >= 1/4 of positions (default)": {},
@@ -86,6 +86,8 @@ def parse_args() -> argparse.Namespace:
                    help="on the first N tasks, the rows that look for the background cast's origin")
     p.add_argument("--blend-tasks", type=int, default=0, help="on the first N tasks, VCT with local blend")
     p.add_argument("--fast-tasks", type=int, default=0, help="on the first N tasks, the fast configurations")
+    p.add_argument("--fast-only", nargs="*", default=None,
+                   help="run only the fast configurations whose label contains one of these words")
     p.add_argument("--study-tasks", type=int, default=0,
                    help="on the first N tasks, rerun appearance attention alone under each layer/query setting")
     p.add_argument("--study-round", type=int, default=1, choices=(1, 2, 3, 4), help="which study settings to run")
@@ -153,7 +155,8 @@ def write_grid(path: Path, outcomes: list, scale: int = 4) -> None:
     rows = []
     for outcome in outcomes:
         cells = [world.render(outcome.task.source), world.render(outcome.task.reference)]
-        cells += [outcome.images[(m, "result")][0] for m in GRID_METHODS]
+        labels = {"fast preset": __import__("harness").FAST_PRESET.label}
+        cells += [outcome.images[(labels.get(m, m), "result")][0] for m in GRID_METHODS]
         gap = np.ones((world.SIDE, 1, 3))
         rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))
     gap = np.ones((1, rows[0].shape[1], 3))
@@ -189,6 +192,8 @@ def main() -> int:
     pack = comfy_runner.load_pack()
     counter = running.PassCounter()
     settings = harness.settings_with(equalizer=args.equalizer, seed=args.seed)
+    if args.fast_only is not None:  # this run's fast configurations (the harness reads FAST when it builds)
+        harness.FAST = tuple(f for f in harness.FAST if any(word in f.label for word in args.fast_only))
     tasks = harness.task_set()[: args.tasks]
     per_task, outcomes, record = [], [], []
     start = time.perf_counter()

@@ -80,3 +80,11 @@ def test_the_control_changes_the_translation_and_leaves_the_reconstruction(pack,
     held = run(pack, family, family["concept"], 1.0, 0.2)
     assert torch.equal(free.ref, held.ref)  # B* never reads B
     assert not torch.equal(free.main, held.main)
+
+
+def test_the_pack_reads_the_flow_from_comfyuis_model_sampling(pack, family, tiny_model):
+    identity = importlib.import_module(pack.arch.__name__.rsplit(".", 1)[0] + ".model.identity")
+    assert identity.state_space(family["model"]) is pack.vct_ops.FLOW
+    assert identity.prediction_type(family["model"]) == "flow"
+    assert identity.state_space(tiny_model) is pack.vct_ops.DIFFUSION
+    assert identity.prediction_type(tiny_model) == "eps"

@@ -109,7 +109,7 @@ def test_the_runners_modules_say_they_are_not_commands(module):
 
 
 def test_resolve_workflow_names():
-    assert SHIPPED == ["controlnet", "style_transfer", "subject_translation"]
+    assert SHIPPED == ["controlnet", "fast_translation", "style_transfer", "subject_translation"]
     assert rw.resolve_workflow("controlnet") == (rw.WORKFLOWS_DIR / "VCT + ControlNet.json").resolve()
     for name in ("subject_translation", "vct_subject_translation", "VCT subject translation.json"):
         assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "VCT subject translation.json").resolve()

@@ -50,7 +50,7 @@ def test_template_nodes_never_overlap(path, vct_pack):
 def test_example_workflows_hold_only_templates_and_their_thumbnails():
     files = sorted(p.name for p in TEMPLATES.iterdir())
     stems = {p.stem for p in WORKFLOWS}
-    assert stems == {"VCT subject translation", "VCT style transfer", "VCT + ControlNet"}
+    assert stems == {"VCT subject translation", "VCT style transfer", "VCT + ControlNet", "VCT fast translation"}
     assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
     assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
     for stem in stems:

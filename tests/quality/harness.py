@@ -78,6 +78,8 @@ class Settings:
     cross_injection: float = 0.2
     concept_weight: float = 0.5
     equalizer: str = "concept_tokens"
+    # Prompt-to-prompt's local blend threshold (the sampler's default; 0 is the paper's VCT).
+    local_blend: float = 0.3
     seed: int = 0
     concept_samples: int = 8
 
@@ -164,7 +166,7 @@ def _concept(g: Graph, s: Settings, steps: Optional[int] = None, model: list = M
 def _sampler(g: Graph, node_id: str, s: Settings, null: str, concept: list, model: list = MODEL, **overrides) -> str:
     inputs = dict(model=model, inversion=out(null), concept=concept, cfg=s.cfg, self_injection=s.self_injection,
                   cross_injection=s.cross_injection, concept_weight=s.concept_weight, concept_tokens=0,
-                  equalizer=s.equalizer)
+                  equalizer=s.equalizer, local_blend=s.local_blend)
     inputs.update(overrides)
     return g.add(node_id, "VCTDualBranchSampler", **inputs)
 
@@ -178,7 +180,8 @@ def caption_tokens(clip, text: str) -> int:
 
 def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("main",), text_tokens: int = 4
           ) -> tuple[Graph, list[Method]]:
-    """Return the graph of every method of the given groups ('main', 'cost', 'reconstruction') for one task."""
+    """Return the graph of every method of the given groups for one task ('main', 'appearance', 'study', 'cast',
+    'blend', 'fast' or only its 'fast_preset', 'cost', 'reconstruction', 'sequential')."""
     g = Graph()
     _base(g, task, s, images)
     methods: list[Method] = []
@@ -235,9 +238,12 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
     if "blend" in groups:  # local blend on VCT's defaults: the background kept by B*'s latent
         for threshold in BLEND_THRESHOLDS:
             node = _sampler(g, f"blend_{threshold}", s, null, learned, local_blend=threshold)
-            methods.append(Method(f"VCT + local blend {threshold}", node, group="blend"))
+            label = "VCT without local blend (the paper's)" if threshold == 0 else f"VCT, local blend {threshold}"
+            methods.append(Method(label, node, group="blend"))
     if "fast" in groups:
         methods += fast_methods(g, s, null, learned, with_vct="main" not in groups and "appearance" not in groups)
+    elif "fast_preset" in groups:  # the preset and appearance attention without a concept (the host tier's)
+        methods += fast_methods(g, s, null, learned, with_vct=False, presets=(FAST_PRESET, APPEARANCE_FAST))
     if "cost" in groups:
         for steps in (100, 250):
             c = _concept(g, s, steps=steps)
@@ -277,13 +283,11 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
 APPEARANCE_ALONE = ((0.5, 1.0), (1.0, 1.0), (1.0, 0.5))
 # With the learned concept (500 steps): (strength, window).
 APPEARANCE_WITH_CONCEPT = ((0.5, 1.0), (1.0, 1.0))
-# Fast preset candidates: (concept steps or 0 for none, strength, window).
-FAST_CANDIDATES = ((100, 1.0, 1.0), (50, 1.0, 1.0))
 
 
 def appearance_methods(g: Graph, s: Settings, null: str, learned: list, with_vct: bool = True) -> list[Method]:
     """Add reference appearance attention (the reference DDIM-inverted with the empty prompt, B* by direct
-    inversion) alone, with the learned concept, and as fast presets; return the methods (group 'appearance')."""
+    inversion) alone and with the learned concept; return the methods (group 'appearance')."""
     methods = []
     if with_vct:
         methods.append(Method("vct", _sampler(g, "vct", s, null, learned), reconstruction="vct"))
@@ -304,15 +308,11 @@ def appearance_methods(g: Graph, s: Settings, null: str, learned: list, with_vct
     for strength, window in APPEARANCE_WITH_CONCEPT:
         node = appearance(f"app_c_{strength}_{window}", learned, strength, window)
         methods.append(Method(f"appearance {strength} w{window} + concept", node, group="appearance"))
-    for steps, strength, window in FAST_CANDIDATES:
-        concept = out(_concept(g, s, steps=steps)) if steps else out("empty")
-        node = appearance(f"fast_{steps}_{strength}_{window}", concept, strength, window)
-        methods.append(Method(f"fast: concept {steps} + app {strength} w{window}", node, group="appearance"))
     return methods
 
 
-# Local blend thresholds measured on VCT's defaults (prompt-to-prompt's 0.3 and around it).
-BLEND_THRESHOLDS = (0.3, 0.5)
+# Local blend thresholds measured beside VCT's defaults (0: the paper's VCT, without it).
+BLEND_THRESHOLDS = (0.0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -328,21 +328,28 @@ class Fast:
     local_blend: float = 0.0
 
 
+# The fast preset (the shipped template "VCT fast translation") first, then what it was chosen against.
+FAST_PRESET = Fast("fast preset: 25 steps, concept 60 x1 lr 5e-3", concept_steps=60, learning_rate=5e-3,
+                   local_blend=0.3)
+# Appearance attention in place of the concept: no per-image optimisation at all.
+APPEARANCE_FAST = Fast("fast: 25 steps, appearance 0.5, no concept", concept_steps=0, appearance=0.5, local_blend=0.3)
 FAST = (
-    Fast("fast: 25 steps, concept 50 x1 lr 2e-3"),
-    Fast("fast: 25 steps, concept 100 x1 lr 2e-3", concept_steps=100),
-    Fast("fast: 25 steps, concept 50 x1 lr 5e-3", learning_rate=5e-3),
-    Fast("fast: 25 steps, concept 25 x1 lr 5e-3", concept_steps=25, learning_rate=5e-3),
-    Fast("fast: 25 steps, concept 50 x1 lr 2e-3, blend 0.3", local_blend=0.3),
-    Fast("fast: 25 steps, appearance 0.5, no concept", concept_steps=0, appearance=0.5),
-    Fast("fast: 50 steps, concept 100 x1 lr 2e-3", steps=50, concept_steps=100),
+    FAST_PRESET,
+    Fast("fast: preset without local blend", concept_steps=60, learning_rate=5e-3),
+    Fast("fast: 25 steps, concept 35 x1 lr 1e-2", concept_steps=35, learning_rate=1e-2, local_blend=0.3),
+    Fast("fast: 25 steps, concept 50 x1 lr 2e-3", concept_steps=50, learning_rate=2e-3, local_blend=0.3),
+    APPEARANCE_FAST,
+    Fast("fast: preset + appearance 0.5", concept_steps=60, learning_rate=5e-3, appearance=0.5, local_blend=0.3),
+    Fast("fast: concept 35 x1 lr 1e-2 + appearance 0.5", concept_steps=35, learning_rate=1e-2, appearance=0.5,
+         local_blend=0.3),
 )
 
 
 def fast_methods(g: Graph, s: Settings, null: str, learned: list, with_vct: bool = True,
-                 presets: tuple = FAST) -> list[Method]:
-    """Add the fast configurations (each with `direct` content inversion at its own step count); return the methods
-    (group 'fast')."""
+                 presets: Optional[tuple] = None) -> list[Method]:
+    """Add the fast configurations (default: FAST; each with `direct` content inversion at its own step count);
+    return the methods (group 'fast')."""
+    presets = FAST if presets is None else presets
     methods = []
     if with_vct:
         methods.append(Method("vct", _sampler(g, "vct", s, null, learned), reconstruction="vct"))
@@ -362,8 +369,7 @@ def fast_methods(g: Graph, s: Settings, null: str, learned: list, with_vct: bool
             ref = g.add(f"ref_ddim_{f.steps}", "VCTDDIMInvert", model=MODEL, latent=out("ref_lat"),
                         conditioning=out("empty"), steps=f.steps)
             extra = dict(reference=out(ref), appearance_strength=f.appearance, appearance_window=1.0)
-        if f.local_blend:
-            extra["local_blend"] = f.local_blend
+        extra["local_blend"] = f.local_blend
         methods.append(Method(f.label, _sampler(g, f"fast_{i}", s, direct, concept, **extra), group="fast"))
     return methods
 

@@ -5,7 +5,7 @@
 
 The grid is what `tests/benchmarks/bench_quality.py --grid` writes from a real run of the pack's
 nodes on the trained toy model: one task per row (the task set's first tasks, in order), columns
-source, reference, VCT, then two baselines, 64 px cells 4 px apart. Each thumbnail is a 512 px
+source, reference, VCT, the fast preset, then two baselines, 64 px cells 4 px apart. Each thumbnail is a 512 px
 square card, as the frontend's template cards are square: one task's source and reference, labelled
 and joined by "+", an arrow, and the VCT output below (the card the runner's demo draws too,
 tools/vct_demo.py). The ControlNet template's also shows the source's edge map, which its
@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CELL, GAP = 64, 4
 # Workflow -> grid row: a task whose reference brings its colour and shape (subject), and one whose
 # reference brings its texture and colour (style).
-ROWS = {"VCT subject translation": 0, "VCT style transfer": 5, "VCT + ControlNet": 0}
-LABELS = ("source", "reference", "VCT")
+ROWS = {"VCT subject translation": 0, "VCT style transfer": 5, "VCT + ControlNet": 0, "VCT fast translation": 0}
+# Workflow -> (grid column, label) of its result where it is not VCT's defaults (column 2).
+RESULTS = {"VCT fast translation": (3, "VCT fast")}
 # The ControlNet template's strip also shows the source's edges, as its Canny node draws them.
 WITH_EDGES = {"VCT + ControlNet"}
 
@@ -63,13 +64,14 @@ def demo_module():
     return sys.modules["vct_demo"]
 
 
-def thumbnail(grid: np.ndarray, row: int, with_edges: bool = False) -> Image.Image:
-    """Return a grid row's 512 px square card: source + reference (after the source's edges, if asked) -> VCT."""
-    source, reference, result = (cell(grid, row, column) for column in range(len(LABELS)))
+def thumbnail(grid: np.ndarray, row: int, with_edges: bool = False, result: tuple = (2, "VCT")) -> Image.Image:
+    """Return a grid row's 512 px square card: source + reference (after the source's edges, if asked) -> the result
+    in grid column `result[0]`, labelled `result[1]`."""
+    source, reference = cell(grid, row, 0), cell(grid, row, 1)
     inputs = [("source", source), ("reference", reference)]
     if with_edges:
         inputs.insert(1, ("edges", edges(source)))
-    return demo_module().card(inputs, ("VCT", result))
+    return demo_module().card(inputs, (result[1], cell(grid, row, result[0])))
 
 
 def demo_inputs(task: int) -> dict:
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     grid = np.asarray(Image.open(args.grid).convert("RGB"))
     for name, row in ROWS.items():
         path = ROOT / "example_workflows" / f"{name}.jpg"
-        thumbnail(grid, row, with_edges=name in WITH_EDGES).save(path, quality=90)
+        thumbnail(grid, row, with_edges=name in WITH_EDGES, result=RESULTS.get(name, (2, "VCT"))).save(path, quality=90)
         print(path)
     path = ROOT / "docs" / "icon.png"
     icon(grid, ROWS["VCT subject translation"]).save(path, optimize=True)
