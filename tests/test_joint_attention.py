@@ -145,3 +145,26 @@ def test_local_blend_reads_the_image_to_text_maps():
     options[vct_ops.BLEND_KEY] = store
     vct_ops.JointAttentionController(torch.tensor([1.0, 0.5, 0.5]), config()).joint_attention(q, k, v, TEXT, options)
     assert store.recorded and store.mask() is not None
+
+
+def test_a_guidance_distilled_model_runs_two_rows_per_step(setting):
+    # Flux is guidance-distilled: one conditional pass per step, no unconditional rows (null_embeddings None).
+    denoise, sigmas, x_T, c_src, c_concept, _ = float64(setting)
+    seen = []
+
+    def counting(x, sigma, cond, options=None):
+        seen.append((x.shape[0], list(options[vct_ops.ROLES_KEY])))
+        return denoise(x, sigma, cond, options)
+
+    ctl = vct_ops.JointAttentionController(sigmas, config(same_prompt=True))
+    result = vct_ops.dual_branch_sample(counting, x_T, sigmas, c_src, c_src, None, 1.0,
+                                        {tn.JOINT_HOOK: ctl.joint_attention})
+    assert torch.equal(result.main, result.ref)  # concept = source: B = B* exactly
+    assert seen and all(rows == 2 and roles == [vct_ops.ROLE_REF, vct_ops.ROLE_MAIN] for rows, roles in seen)
+    # B* is the plain Euler sampling of the source's conditional prediction.
+    alone = vct_ops.ddim_sample(denoise, x_T, sigmas, c_src)
+    assert torch.allclose(result.ref, alone, rtol=0, atol=1e-10)
+    translated = vct_ops.dual_branch_sample(denoise, x_T, sigmas, c_src, c_concept, None, 1.0,
+                                            {tn.JOINT_HOOK: vct_ops.JointAttentionController(
+                                                sigmas, config()).joint_attention})
+    assert torch.equal(translated.ref, result.ref) and not torch.equal(translated.main, result.main)

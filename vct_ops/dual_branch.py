@@ -42,7 +42,7 @@ def dual_branch_sample(
     sigmas: torch.Tensor,
     source_cond: Cond,
     concept_cond: Cond,
-    null_embeddings: list[Cond],
+    null_embeddings: Optional[list[Cond]],
     guidance: float = 7.5,
     transformer_options: Optional[dict] = None,
     callback: Optional[StepCallback] = None,
@@ -70,11 +70,15 @@ def dual_branch_sample(
     With an enabled `local_blend`, the attention patches add B's maps at its concept tokens into
     an accumulator (transformer option BLEND_KEY), and after every step from the blend's start B
     takes B*'s latent outside the mask they give (prompt-to-prompt's LocalBlend).
+    With `null_embeddings` None (a guidance-distilled model such as Flux, which takes its guidance
+    as an input and runs one conditional pass per step) there are no unconditional rows: each call
+    holds `[cond B*, cond B]` (and R), and `guidance` and `guide_main` are not used.
     """
     check_latent("x_T", x_T)
     check_sigmas("sigmas", sigmas)
     steps = sigmas.numel() - 1
-    if len(null_embeddings) != steps:
+    distilled = null_embeddings is None
+    if not distilled and len(null_embeddings) != steps:
         raise ValueError(
             f"null_embeddings holds {len(null_embeddings)} per-step embeddings but the schedule has {steps} "
             "steps; run the content inversion with the same number of steps"
@@ -95,12 +99,15 @@ def dual_branch_sample(
     rows = x_T.shape[0]
     source_cond = match_batch(source_cond, rows)
     concept_cond = match_batch(concept_cond, rows)
-    roles = [ROLE_UNCOND] * (2 * rows) + [ROLE_REF] * rows + [ROLE_MAIN] * rows
-    branches = [ROLE_MAIN] * rows + [ROLE_REF] * (2 * rows) + [ROLE_MAIN] * rows
-    groups = 4
+    if distilled:
+        roles, branches, groups = [ROLE_REF] * rows + [ROLE_MAIN] * rows, [ROLE_REF] * rows + [ROLE_MAIN] * rows, 2
+    else:
+        roles = [ROLE_UNCOND] * (2 * rows) + [ROLE_REF] * rows + [ROLE_MAIN] * rows
+        branches = [ROLE_MAIN] * rows + [ROLE_REF] * (2 * rows) + [ROLE_MAIN] * rows
+        groups = 4
     if appearance_trajectory is not None:
         appearance_cond = match_batch(appearance_cond, rows)
-        roles, branches, groups = roles + [ROLE_APPEARANCE] * rows, branches + [ROLE_APPEARANCE] * rows, 5
+        roles, branches, groups = roles + [ROLE_APPEARANCE] * rows, branches + [ROLE_APPEARANCE] * rows, groups + 1
     base_options = dict(transformer_options or {})
     masks, blend_from, mask = None, steps + 1, None
     if local_blend is not None and local_blend.enabled:
@@ -112,23 +119,30 @@ def dual_branch_sample(
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             if sigma_next != sigma:
-                phi = match_batch(null_embeddings[i], rows)
                 sig = sigma_batch(sigma, groups * rows, x_T)
                 options = dict(base_options, sigmas=sig, sample_sigmas=sigmas)
                 options[ROLES_KEY] = roles
                 options[BRANCHES_KEY] = branches
-                xs, conds = [x_main, x_ref, x_ref, x_main], [phi, phi, source_cond, concept_cond]
+                xs, conds = [x_ref, x_main], [source_cond, concept_cond]
+                if not distilled:
+                    phi = match_batch(null_embeddings[i], rows)
+                    xs, conds = [x_main, x_ref] + xs, [phi, phi] + conds
                 if appearance_trajectory is not None:
                     # R on its own trajectory at this step, like B* under direct inversion.
                     xs.append(appearance_trajectory[steps - i].to(x_main))
                     conds.append(appearance_cond)
                 den = denoise(torch.cat(xs), sig, cond_cat(conds), options)
-                u_main, u_ref, c_ref, c_main = den.chunk(groups)[:4]
-                if guide_main is None:
-                    den_main = cfg(u_main, c_main, guidance)
+                chunks = den.chunk(groups)
+                if distilled:
+                    den_ref, den_main = chunks[0], chunks[1]
                 else:
-                    den_main = guide_main(x_main, sig[:rows], c_main, u_main, guidance, i)
-                x_ref = ddim_step(x_ref, sigma, sigma_next, cfg(u_ref, c_ref, guidance))
+                    u_main, u_ref, c_ref, c_main = chunks[:4]
+                    if guide_main is None:
+                        den_main = cfg(u_main, c_main, guidance)
+                    else:
+                        den_main = guide_main(x_main, sig[:rows], c_main, u_main, guidance, i)
+                    den_ref = cfg(u_ref, c_ref, guidance)
+                x_ref = ddim_step(x_ref, sigma, sigma_next, den_ref)
                 x_main = ddim_step(x_main, sigma, sigma_next, den_main)
                 if preview is not None:
                     preview(i + 1, steps, den_main)

@@ -55,10 +55,10 @@ def run(pack, family, concept, self_fraction=0.9, cross_fraction=0.2, calls=None
             return override(func, *args, **kwargs)
 
         patched.model_options["transformer_options"]["optimized_attention_override"] = counting
-    guidance = 1.0 if family["name"] == "flux" else 3.0  # Flux is guidance-distilled: one pass per step
+    # Flux is guidance-distilled (its guidance is an input): one conditional pass per step, two rows.
+    nulls = None if family["name"] == "flux" else [family["null"]] * STEPS
     with torch.no_grad():
-        return ops.dual_branch_sample(denoiser.Denoiser(patched), x_T, sigmas, family["source"], concept,
-                                      [family["null"]] * STEPS, guidance)
+        return ops.dual_branch_sample(denoiser.Denoiser(patched), x_T, sigmas, family["source"], concept, nulls, 3.0)
 
 
 def test_concept_equal_to_source_gives_b_equal_to_b_star_exactly(pack, family):
@@ -72,6 +72,8 @@ def test_the_override_reaches_every_joint_attention_call(pack, family):
     run(pack, family, family["concept"], calls=calls)
     blocks = 2 if family["name"] == "sd3" else 4  # SD3: 2 joint blocks; Flux: 2 double + 2 single
     assert len(calls) == blocks * (STEPS - 1)  # the last step is the schedule's identity step
+    rows = 4 if family["name"] == "sd3" else 2  # Flux: no unconditional rows
+    assert all(shape[0] == rows for shape in calls)
     assert "optimized_attention_override" not in family["model"].model_options.get("transformer_options", {})
 
 
