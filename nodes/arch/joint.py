@@ -21,6 +21,9 @@ import math
 from ... import vct_ops
 
 PATCH = 2  # SD3's and Flux's patch side in latent pixels
+# Transformer option a block's replace patch sets to the block's key, ("double_block", i) or
+# ("single_block", i), when only some blocks take part.
+BLOCK_KEY = "vct_joint_block"
 
 
 def image_tokens(latent_shape) -> int:
@@ -31,9 +34,11 @@ def image_tokens(latent_shape) -> int:
 class JointOverride:
     """ComfyUI's `optimized_attention_override` carrying VCT's joint-attention control, wrapping a previous one."""
 
-    def __init__(self, controller: vct_ops.JointAttentionController, previous=None) -> None:
-        """Bind the run's controller and the override that was set before (called for everything VCT leaves alone)."""
+    def __init__(self, controller: vct_ops.JointAttentionController, previous=None, blocks=None) -> None:
+        """Bind the run's controller and the override that was set before (called for everything VCT leaves alone);
+        with `blocks`, only calls inside those blocks (keys as `joint_block_keys` gives them) are controlled."""
         self.controller, self.previous = controller, previous
+        self.blocks = None if blocks is None else frozenset(blocks)
 
     def _plain(self, func, args, kwargs):
         if self.previous is not None:
@@ -45,6 +50,8 @@ class JointOverride:
         options = kwargs.get("transformer_options") or {}
         shape = options.get(vct_ops.LATENT_SHAPE_KEY)
         if options.get(vct_ops.ROLES_KEY) is None or shape is None or kwargs.get("mask") is not None:
+            return self._plain(func, args, kwargs)
+        if self.blocks is not None and options.get(BLOCK_KEY) not in self.blocks:
             return self._plain(func, args, kwargs)
         q, k, v = args[:3]
         heads = kwargs["heads"] if "heads" in kwargs else args[3]
@@ -63,12 +70,37 @@ class JointOverride:
         return self.controller.joint_attention(q, k, v, text, {**options, "n_heads": heads}, attention=attention)
 
 
-def joint_controlled_clone(model, controller: vct_ops.JointAttentionController):
-    """Return a clone of `model` whose joint attention runs under `controller`, wrapping an override already set."""
+def joint_block_keys(model) -> list[tuple[str, int]]:
+    """Return the keys ComfyUI's "dit" replace patches use for the model's joint-attention blocks, in order."""
+    net = model.model.diffusion_model
+    keys = [("double_block", i) for i in range(len(getattr(net, "joint_blocks", getattr(net, "double_blocks", []))))]
+    return keys + [("single_block", i) for i in range(len(getattr(net, "single_blocks", [])))]
+
+
+def _stamping(key, previous):
+    def replace(args, extra):
+        # The block's attention calls see which block they are in through a copy of the options.
+        args = {**args, "transformer_options": {**args["transformer_options"], BLOCK_KEY: key}}
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+    return replace
+
+
+def joint_controlled_clone(model, controller: vct_ops.JointAttentionController, blocks=None):
+    """Return a clone of `model` whose joint attention runs under `controller` (in `blocks` only, when given),
+    wrapping an override and block patches already set."""
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     # The clone's options are its own copy (ModelPatcher.clone copies model_options), so the
     # original model keeps its override.
-    options["optimized_attention_override"] = JointOverride(controller, options.get("optimized_attention_override"))
+    previous = options.get("optimized_attention_override")
+    options["optimized_attention_override"] = JointOverride(controller, previous, blocks)
+    if blocks is not None:
+        known = joint_block_keys(model)
+        unknown = [key for key in blocks if tuple(key) not in known]
+        if unknown:
+            raise ValueError(f"the model has no joint-attention block {unknown[0]}; its blocks are {known}")
+        # Only with a choice of blocks: a patched SD3 block runs under ComfyUI's activation checkpoint.
+        registry = options.get("patches_replace", {}).get("dit", {})
+        for kind, index in known:
+            clone.set_model_patch_replace(_stamping((kind, index), registry.get((kind, index))), "dit", kind, index)
     return clone
-

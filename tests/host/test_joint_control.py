@@ -90,3 +90,30 @@ def test_the_pack_reads_the_flow_from_comfyuis_model_sampling(pack, family, tiny
     assert identity.prediction_type(family["model"]) == "flow"
     assert identity.state_space(tiny_model) is pack.vct_ops.DIFFUSION
     assert identity.prediction_type(tiny_model) == "eps"
+
+
+def test_a_choice_of_blocks_controls_only_those(pack, family):
+    joint = importlib.import_module(pack.arch.__name__ + ".joint")
+    keys = joint.joint_block_keys(family["model"])
+    assert keys == ([("double_block", 0), ("double_block", 1)] if family["name"] == "sd3" else
+                    [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)])
+    controlled = []
+    ops = pack.vct_ops
+
+    class Recording(ops.JointAttentionController):
+        def joint_attention(self, q, k, v, text, extra_options, attention=None):
+            controlled.append(extra_options.get(joint.BLOCK_KEY))
+            return super().joint_attention(q, k, v, text, extra_options, attention)
+
+    sigmas = ops.ddim_sigmas(family["model"].model.model_sampling.sigmas, STEPS)
+    patched = joint.joint_controlled_clone(family["model"], Recording(sigmas, ops.InjectionConfig()),
+                                           blocks=[("double_block", 1)])
+    denoiser = importlib.import_module(pack.arch.__name__.rsplit(".", 1)[0] + ".model.denoiser")
+    x = torch.randn(1, flow.LATENT_CHANNELS, 8, 8)
+    nulls = None if family["name"] == "flux" else [family["null"]] * STEPS
+    with torch.no_grad():
+        ops.dual_branch_sample(denoiser.Denoiser(patched), x, sigmas, family["source"], family["concept"], nulls, 3.0)
+    assert controlled and set(controlled) == {("double_block", 1)}
+    with pytest.raises(ValueError, match="no joint-attention block"):
+        joint.joint_controlled_clone(family["model"], Recording(sigmas, ops.InjectionConfig()),
+                                     blocks=[("double_block", 7)])
