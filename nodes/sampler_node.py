@@ -139,8 +139,9 @@ class VCTDualBranchSampler(io.ComfyNode):
                 patched.cleanup()
         if blend is not None and blend.enabled and result.blend_mask is None:
             log.warning("%s: local_blend found no cross-attention layer whose maps could outline the concept "
-                        "(about 1/%d of the latent's side, at least %d positions), so it did nothing; set "
-                        "local_blend to 0", NODE, blend.map_factor, blend.min_map_positions)
+                        "(about 1/%d of the latent's side, at least %d positions) in this model, so the "
+                        "background was not kept; set local_blend to 0 to run without it", NODE, blend.map_factor,
+                        blend.min_map_positions)
         end, space = inversion.sigmas[-1], identity.state_space(model)
         return io.NodeOutput(
             latent_out(patched, space.to_latent(result.main, end)),

@@ -186,7 +186,7 @@ def shipped_workflows() -> dict:
 
 
 def resolve_workflow(name) -> Path:
-    """Return the file of a workflow given as a path or a shipped name (`subject_translation`, `style_transfer`)."""
+    """Return the file of a workflow given as a path or a shipped name (`subject_translation`, `fast_translation`)."""
     if Path(name).is_file():
         return Path(name).resolve()
     shipped = shipped_workflows()
@@ -354,7 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", action="store_true",
                     help="run the subject-translation workflow on the toy model and images shipped in tools/demo/, "
                          "on the CPU (about a minute; no download); prints the saved image and the result card")
-    ap.add_argument("--workflow", help="subject_translation, style_transfer, controlnet, or a workflow file")
+    ap.add_argument("--workflow", help="subject_translation, style_transfer, controlnet, fast_translation, or a "
+                    "workflow file")
     ap.add_argument("--checkpoint", help="a file in ComfyUI's models/checkpoints (default: the workflow's)")
     ap.add_argument("--source", help="the image whose structure is kept")
     ap.add_argument("--reference", help="the image of the object or style to bring in")
