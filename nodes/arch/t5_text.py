@@ -1,0 +1,45 @@
+"""ComfyUI's T5 encoder (SD3's and Flux's T5-XXL) run with gradients to its input embeddings.
+
+Concept learning on SD3 and Flux puts the concept vectors at T5's input, so T5 runs forward and
+backward at every step. ComfyUI's T5 adds its residuals in place (`x += ...`), which autograd
+cannot go through once the embeddings need gradients; this is the same computation written out
+without them, on the module's own weights (groundwork: no node uses it yet).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _norm(layer_norm, x: torch.Tensor) -> torch.Tensor:
+    # T5's RMS norm (no mean, no bias), as comfy.text_encoders.t5.T5LayerNorm computes it.
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer_norm.variance_epsilon)
+    return layer_norm.weight.to(x) * x
+
+
+def t5_forward(t5, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return the last hidden state (after the final norm) of ComfyUI's `T5` module for input embeddings `embeds`."""
+    stack = t5.encoder
+    x = embeds.float()
+    length = x.shape[1]
+    mask = None
+    if attention_mask is not None:  # 0 where a key is padding, as ComfyUI builds it
+        keep = attention_mask.to(x.dtype).reshape(attention_mask.shape[0], 1, 1, length)
+        mask = (1.0 - keep).masked_fill((1.0 - keep).to(torch.bool), -torch.finfo(x.dtype).max)
+    bias = None
+    for block in stack.block:
+        attention, feed_forward = block.layer[0], block.layer[-1]
+        inner = attention.SelfAttention
+        if inner.relative_attention_bias is not None:
+            bias = inner.compute_bias(length, length, x.device, x.dtype)
+        h = _norm(attention.layer_norm, x)
+        heads = inner.num_heads
+        q, k, v = (proj(h) for proj in (inner.q, inner.k, inner.v))
+        q, k, v = (t.view(t.shape[0], length, heads, -1).transpose(1, 2) for t in (q, k, v))
+        # T5 does not scale its logits by 1/sqrt(d): scale 1 here (ComfyUI multiplies k by sqrt(d)).
+        full = bias if mask is None else bias + mask
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype), scale=1.0)
+        x = x + inner.o(o.transpose(1, 2).reshape(x.shape[0], length, -1))
+        x = x + feed_forward.DenseReluDense(_norm(feed_forward.layer_norm, x))
+    return _norm(stack.final_layer_norm, x)
