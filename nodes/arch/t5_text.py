@@ -1,4 +1,5 @@
-"""ComfyUI's T5 encoder (SD3's and Flux's T5-XXL) run with gradients to its input embeddings.
+"""ComfyUI's T5 encoder (SD3's and Flux's T5-XXL) for concept learning: its token stream with concept
+vectors spliced in, and its forward with gradients to the input embeddings.
 
 Concept learning on SD3 and Flux puts the concept vectors at T5's input, so T5 runs forward and
 backward at every step. ComfyUI's T5 adds its residuals in place (`x += ...`), which autograd
@@ -43,3 +44,31 @@ def t5_forward(t5, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] 
         x = x + inner.o(o.transpose(1, 2).reshape(x.shape[0], length, -1))
         x = x + feed_forward.DenseReluDense(_norm(feed_forward.layer_norm, x))
     return _norm(stack.final_layer_norm, x)
+
+
+def _word_pairs(clip, key: str, text: str, end: int) -> list:
+    """Return the (token, weight) pairs of `text` in T5's stream, up to its end token (T5 has no start token)."""
+    if not text.strip():
+        return []
+    chunks = clip.tokenize(text)[key]
+    if len(chunks) > 1:
+        raise ValueError("the prompt is longer than T5 takes in one pass; shorten it")
+    pairs = [tuple(pair[:2]) for pair in chunks[0]]
+    stop = next((i for i, (t, _) in enumerate(pairs) if isinstance(t, int) and t == end), len(pairs))
+    return pairs[:stop]
+
+
+def t5_spliced_tokens(clip, key: str, before: str, vectors: Optional[torch.Tensor], after: str) -> list:
+    """Return T5's token list (for the CLIP object's tokenizer `key`, e.g. 't5xxl') of `before` + the concept
+    vectors + `after`: what `before embedding:NAME after` tokenizes to once the vectors are saved as NAME.
+
+    T5's stream is [words..., end, padding] with no start token, padded to the tokenizer's minimum
+    length (77 for SD3, 256 for Flux) and longer when the words need it.
+    """
+    base = [tuple(pair[:2]) for pair in clip.tokenize("")[key][0]]  # [end, pad, pad, ...]
+    end, pad = base[0], base[1] if len(base) > 1 else None
+    count = 0 if vectors is None else vectors.shape[0]
+    content = (_word_pairs(clip, key, before, end[0]) + [(vectors[i], 1.0) for i in range(count)]
+               + _word_pairs(clip, key, after, end[0]) + [end])
+    padding = [pad] * max(0, len(base) - len(content)) if pad is not None else []
+    return content + padding
