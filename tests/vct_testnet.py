@@ -192,10 +192,14 @@ def sd_train_sigmas() -> torch.Tensor:
 def tiny_denoiser(seed: int = 0, prompt_via_maps: bool = False) -> EpsDenoiser:
     """Return a seeded tiny UNet denoiser initialised as DESIGN.md section 4 describes."""
     torch.manual_seed(seed)
-    net = init_like_design(TinyUNet(prompt_via_maps=prompt_via_maps)).eval()
+    return EpsDenoiser(frozen(init_like_design(TinyUNet(prompt_via_maps=prompt_via_maps))))
+
+
+def frozen(net: nn.Module) -> nn.Module:
+    """Return `net` in eval mode with no parameter requiring gradients."""
     for p in net.parameters():
         p.requires_grad_(False)
-    return EpsDenoiser(net)
+    return net.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +296,4 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 def tiny_flow_denoiser(seed: int = 0, prompt_via_maps: bool = False) -> FlowDenoiser:
     """Return a seeded tiny joint-attention flow denoiser."""
     torch.manual_seed(seed)
-    net = init_like_design(TinyJointDiT(prompt_via_maps=prompt_via_maps)).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return FlowDenoiser(net)
+    return FlowDenoiser(frozen(init_like_design(TinyJointDiT(prompt_via_maps=prompt_via_maps))))

@@ -152,6 +152,14 @@ def tiny_sd15_model(seed: int = 0, dtype: torch.dtype | None = None, **unet_kwar
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.unet_config["num_heads"] = unet_config["num_heads"]
     model_config.unet_config["num_head_channels"] = unet_config["num_head_channels"]
+    return build_tiny_model(model_config, seed, dtype)
+
+
+def build_tiny_model(model_config, seed: int = 0, dtype: torch.dtype | None = None, state_dict: dict | None = None,
+                     prefix: str = "") -> comfy.model_patcher.ModelPatcher:
+    """Return a ModelPatcher around `model_config`'s model, built as `comfy.sd.load_state_dict_guess_config`
+    builds a checkpoint's (the inference dtype ComfyUI picks for this device unless `dtype` is given,
+    `get_model(state_dict, prefix)`), with every parameter initialised from `seed`."""
     load_device = comfy.model_management.get_torch_device()
     if dtype is None:  # ComfyUI's choice for this device (fp32 on CPU)
         dtype = comfy.model_management.unet_dtype(model_params=0,
@@ -159,7 +167,7 @@ def tiny_sd15_model(seed: int = 0, dtype: torch.dtype | None = None, **unet_kwar
     manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast)
     model_config.custom_operations = None
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    model = model_config.get_model(state_dict or {}, prefix, device=torch.device("cpu"))
     init_tiny_weights_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
                                             offload_device=comfy.model_management.unet_offload_device())

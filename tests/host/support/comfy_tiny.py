@@ -38,6 +38,7 @@ from vct_toy import (  # noqa: E402, F401 - re-exported for the tests
     TINY_CLIP_WIDTH,
     TINY_VAE_DDCONFIG,
     TINY_VAE_EMBED_DIM,
+    build_tiny_model,
     init_tiny_weights_,
     tiny_sd1_clip,
     tiny_sd15_model,
@@ -109,17 +110,7 @@ def _build_tiny_unet(model_config, state_dict: dict, prefix: str, seed: int,
     (which decides the model type from the state dict), then every UNet parameter initialised."""
     model_config.unet_config["num_heads"] = -1
     model_config.unet_config["num_head_channels"] = TINY_HEAD_CHANNELS
-    load_device = comfy.model_management.get_torch_device()
-    if dtype is None:  # ComfyUI's choice for this device (fp32 on CPU)
-        dtype = comfy.model_management.unet_dtype(model_params=0,
-                                                  supported_dtypes=list(model_config.supported_inference_dtypes))
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model_config.custom_operations = None
-    model = model_config.get_model(state_dict, prefix, device=torch.device("cpu"))
-    init_tiny_weights_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return build_tiny_model(model_config, seed, dtype, state_dict, prefix)
 
 
 # The key `comfy.supported_models.SD20.model_type` reads to tell a 768-v (v-prediction) SD2

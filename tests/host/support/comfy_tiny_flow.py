@@ -1,9 +1,8 @@
 """Tiny random-weight rectified-flow transformers built from ComfyUI's own classes: SD3 (MMDiT) and Flux.
 
-Built as `comfy.sd.load_state_dict_guess_config` builds a checkpoint's model: the family's model
-config class from a unet_config (the dict `comfy.model_detection` would produce, shrunk), the
-inference dtype ComfyUI picks for this device, `get_model`, every parameter initialised from
-`seed` (`init_tiny_weights_`), and a ModelPatcher around it. Both run ComfyUI's CONST (flow)
+Built as a checkpoint's model is (`build_tiny_model`): the family's model config class from a
+unet_config (the dict `comfy.model_detection` would produce, shrunk), every parameter initialised
+from `seed`. Both run ComfyUI's CONST (flow)
 model sampling: SD3 on `ModelSamplingDiscreteFlow` (shift 3), Flux on `ModelSamplingFlux`.
 
 Their text encoders are tiny too, with ComfyUI's real tokenizers (shipped in its tree):
@@ -28,7 +27,7 @@ import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 import comfy.text_encoders.flux  # noqa: E402
 import comfy.text_encoders.sd3_clip  # noqa: E402
-from vct_toy import init_tiny_weights_  # noqa: E402
+from vct_toy import build_tiny_model, init_tiny_weights_  # noqa: E402
 
 LATENT_CHANNELS = 16
 TINY_T5_WIDTH = 64
@@ -57,30 +56,16 @@ TINY_FLUX_UNET_CONFIG = {
 }
 
 
-def _build(model_config, seed: int, dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
-    load_device = comfy.model_management.get_torch_device()
-    if dtype is None:  # ComfyUI's choice for this device (fp32 on CPU)
-        dtype = comfy.model_management.unet_dtype(model_params=0,
-                                                  supported_dtypes=list(model_config.supported_inference_dtypes))
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model_config.custom_operations = None
-    model = model_config.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
-    init_tiny_weights_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
 def tiny_sd3_model(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a tiny SD3 MMDiT (`supported_models.SD3` -> `model_base.SD3`): 2 joint blocks,
     128 wide, 2 heads; 16 latent channels; context TINY_T5_WIDTH wide; pooled `y` of 2048."""
-    return _build(comfy.supported_models.SD3(dict(TINY_SD3_UNET_CONFIG)), seed, dtype)
+    return build_tiny_model(comfy.supported_models.SD3(dict(TINY_SD3_UNET_CONFIG)), seed, dtype)
 
 
 def tiny_flux_model(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a tiny Flux.1 dev (`supported_models.Flux` -> `model_base.Flux`, guidance embedded):
     2 double and 2 single blocks, 64 wide, 2 heads; context TINY_T5_WIDTH wide, pooled TINY_FLUX_CLIP_L_WIDTH."""
-    return _build(comfy.supported_models.Flux(dict(TINY_FLUX_UNET_CONFIG)), seed, dtype)
+    return build_tiny_model(comfy.supported_models.Flux(dict(TINY_FLUX_UNET_CONFIG)), seed, dtype)
 
 
 def _clip(target, model_options: dict, embedding_directory, seed: int) -> comfy.sd.CLIP:
