@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from .. import vct_ops
 from . import arch, progress, prompts, storage
 from .model import identity, training
-from .model.conditioning import context_width, differentiable_model_cond, latent_in
+from .model.conditioning import differentiable_model_cond, latent_in
 from .payloads import Concept, ConceptData
 from .plots import loss_curve
 
@@ -32,8 +32,8 @@ class VCTConceptLearn(io.ComfyNode):
             "train; the model and text encoder stay frozen). Optionally saves them as an embedding usable as "
             "embedding:NAME in any prompt.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model (with any LoRAs) the concept is "
-                               "learned for."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, SD3.x or Flux.1 model (with any LoRAs) the "
+                               "concept is learned for."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Latent.Input("latent", tooltip="The reference image(s) encoded with VAEEncode (512x512 like the "
                                 "paper works best). Several images in a batch are sampled at random."),
@@ -77,12 +77,7 @@ class VCTConceptLearn(io.ComfyNode):
         node = "VCT Concept Embedding Learn"
         architecture = arch.for_model(model, node)
         encoders = architecture.text_encoders(clip, node)
-        width = context_width(model)
-        if width is not None and sum(e.width for e in encoders) != width:
-            raise ValueError(
-                f"{node}: the CLIP encodes {sum(e.width for e in encoders)}-wide conditioning but the model takes "
-                f"{width}; connect the CLIP of the same checkpoint as the model"
-            )
+        architecture.check_text_encoders(model, encoders, node)
         if embedding_name.strip() in SEED_CONTROL_VALUES:
             # Workflows saved before the seed lost its control widget hold that widget's value here.
             raise ValueError(

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from .. import vct_ops
 from . import arch, progress, tokens
 from .model import denoiser, identity, training
-from .model.conditioning import BranchConditioning, check_one_chunk, latent_in, latent_out, model_cond
+from .model.conditioning import BranchConditioning, latent_in, latent_out, model_cond
 from .model.controls import ALL_ROWS, controls_ready
 from .payloads import ContentMethod, Inversion, InversionData, stack_steps
 from .plots import loss_curve
@@ -32,7 +32,7 @@ class VCTDDIMInvert(io.ComfyNode):
             description="Runs DDIM backwards from the encoded source image to noise, keeping the whole path. "
             "Its end is the noise both VCT branches start from. Guidance 1, like the paper.",
             inputs=[
-                io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x or SDXL). LoRAs applied "
+                io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL, SD3.x or Flux.1). LoRAs applied "
                                "before this node must stay the same for every VCT node."),
                 io.Latent.Input("latent", tooltip="The source image encoded with VAEEncode: its structure is kept."),
                 io.Conditioning.Input("conditioning", tooltip="The source prompt. The paper uses an empty prompt "
@@ -60,7 +60,7 @@ class VCTDDIMInvert(io.ComfyNode):
         vct_ops.validate.check_steps("steps", steps, low=1, high=MAX_STEPS)
         z0 = latent_in(model, latent, "latent")
         source = BranchConditioning.read(model, conditioning, "conditioning", z0.shape)
-        check_one_chunk(conditioning, f"{node}: conditioning (the source prompt)")
+        arch.for_model(model, node).check_prompt_length(conditioning, f"{node}: conditioning (the source prompt)")
         train_sigmas = identity.train_sigmas(model)
         sigmas = vct_ops.ddim_sigmas(train_sigmas, steps)
         if train_sigmas.numel() % steps:  # leading spacing, as the reference: the schedule tops out below t = 999
@@ -135,10 +135,16 @@ class VCTNullTextInvert(io.ComfyNode):
                 negative=None) -> io.NodeOutput:
         """Compute the null embeddings with the chosen method; return the extended inversion and a loss plot."""
         node = "VCT Content Null-Text Invert"
-        arch.for_model(model, node)
+        architecture = arch.for_model(model, node)
         identity.check_matches_model(inversion, model, node)
         vct_ops.validate.check_steps("inner_steps", inner_steps, low=1, high=1000)
         method = _content_method(method)
+        if architecture.guidance_distilled(model) and method is not ContentMethod.DIRECT:
+            raise ValueError(
+                f"{node}: this {arch.family_name(model)} model is guidance-distilled: it runs no unconditional branch, "
+                f"so there are no null embeddings to tune. Set method to {ContentMethod.DIRECT.value}, or connect "
+                "VCT DDIM Invert straight to VCT Dual-Branch Sampler"
+            )
         init = inversion.source_cond
         if negative is not None:
             init = model_cond(model, negative, "negative", inversion.source_latent.shape, "negative")

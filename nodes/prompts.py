@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import EMPTY_PROMPT_KEY, LAYOUT_KEY, concept_id, is_concept_id, token_id
+from .tokens import EMPTY_PROMPT_KEY, LAYOUT_KEY, Segment, concept_id, is_concept_id, record, token_id
 
 PLACEHOLDER = "{concept}"
 
@@ -61,7 +61,12 @@ def spliced_tokens(encoder, before: str, vectors, after: str,
 
 def concept_token_list(encoder, vectors: torch.Tensor, tokenized: dict | None = None) -> list:
     """Return the token list of a prompt made only of the concept vectors, as `embedding:NAME` tokenizes it."""
-    return spliced_tokens(encoder, "", vectors, "", tokenized)[0]
+    return encoder.splice("", vectors, "", tokenized)[0]
+
+
+def _names(keys: list) -> str:
+    """Return 'a', 'a and b' or 'a, b and c'."""
+    return keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
 
 
 def open_weight_groups(text: str) -> int:
@@ -86,26 +91,36 @@ def encode_prompt(encoders: list, text: str, vectors: dict | None) -> list:
     if open_weight_groups(before) > 0:
         raise ValueError(f"{PLACEHOLDER} is inside a (text:weight) group; put it outside, e.g. "
                          f"'a photo of {PLACEHOLDER}, (oil painting:1.2)'")
-    tokens, layout, tokenized = {}, None, {}
+    tokens, spans, tokenized = {}, {}, {}
     for e in encoders:
         vec = vectors[e.key].detach().float().cpu() if vectors is not None else None
-        e_tokens, e_layout = spliced_tokens(e, before, vec, after, tokenized)
+        e_tokens, e_layout = e.splice(before, vec, after, tokenized)
         tokens[e.key] = [e_tokens]
         # An embedding:NAME that this encoder cannot read (no vectors of its width, or none at all) is
         # dropped by ComfyUI, which moves every later token: the recorded layout would be wrong.
         unreadable = any(torch.is_tensor(t) and t.shape[-1] != e.width for t, *_ in e_tokens)
-        if unreadable or (layout is not None and [is_concept_id(t) for t in e_layout]
-                          != [is_concept_id(t) for t in layout]):
+        shared = spans.get(e.segment)
+        if unreadable or (shared is not None and [is_concept_id(t) for t in e_layout]
+                          != [is_concept_id(t) for t in shared[1]]):
             raise ValueError(
-                f"clip_{e.key} cannot read an embedding:NAME in the prompt (it has no vectors {e.width} wide for "
-                "it), so the prompt's tokens would not line up. Use an embedding with vectors for every text encoder "
-                "of this model (for SDXL, clip_l and clip_g), or remove it"
+                f"{e.embedding_key} cannot read an embedding:NAME in the prompt (it has no vectors {e.width} wide "
+                "for it), so the prompt's tokens would not line up. Use an embedding with vectors for every text "
+                f"encoder of this model ({_names([x.embedding_key for x in encoders])}), or remove it"
             )
-        layout = layout or e_layout  # positions are shared by every encoder of a CLIP
+        if e.segment is not None and shared is None:  # positions are shared by the encoders of a segment
+            spans[e.segment] = (len(e_tokens), e_layout, e.start)
     clip = encoders[0].clip
-    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    # Tokenizers without a loaded encoder (SD3 without CLIP-L/G) still take part in ComfyUI's encode.
+    out = clip.encode_from_tokens({**tokenized[""], **tokens}, return_pooled=True, return_dict=True)
     cond = out.pop("cond")
-    out[LAYOUT_KEY] = layout
+    segments, offset = [], 0
+    for length, layout, start in spans.values():  # in the order the model's text tokens put them
+        segments.append(Segment(offset, length, tuple(layout), start))
+        offset += length
+    if len(segments) > 1 and offset != cond.shape[1]:
+        raise ValueError(f"the text encoders gave {cond.shape[1]} tokens where {offset} were expected; connect the "
+                         "CLIP of the checkpoint as its loader gives it")
+    out[LAYOUT_KEY] = record(segments)
     out[EMPTY_PROMPT_KEY] = clip.encode_from_tokens(tokenized[""], return_pooled=False).detach().float().cpu()
     return [[cond, out]]
 

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from .. import vct_ops
 from . import arch, progress, tokens
+from .arch.mmdit import BLOCK_CHOICES as JOINT_BLOCK_CHOICES
 from .model import denoiser, guidance, identity
 from .model.conditioning import BranchConditioning, latent_out
 from .model.controls import controls_ready
@@ -33,12 +34,13 @@ class VCTDualBranchSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The same model (and LoRAs) used for the inversion."),
                 Inversion.Input("inversion", tooltip="From VCT Content Null-Text Invert (it must carry null "
-                                "embeddings)."),
+                                "embeddings). For Flux, which runs no CFG, VCT DDIM Invert's output directly."),
                 io.Conditioning.Input("concept", tooltip="The concept prompt: from VCT Concept Embedding Learn, "
                                       "from VCT Concept Prompt (the concept inside a sentence), or a CLIPTextEncode "
                                       "of exactly 'embedding:my_concept' (then set concept_tokens)."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="CFG scale; use the one the null-text inversion was tuned for (7.5)."),
+                               tooltip="CFG scale; use the one the null-text inversion was tuned for (7.5). Flux "
+                               "runs no CFG and ignores it: its guidance comes from the prompt (FluxGuidance)."),
                 io.Float.Input("self_injection", default=0.9, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps in which B uses B*'s self-attention maps. Higher "
                                "keeps more of the source's structure."),
@@ -71,6 +73,11 @@ class VCTDualBranchSampler(io.ComfyNode):
                                "translation takes the reconstruction's latent wherever the concept tokens' "
                                "attention is below this fraction of its peak (prompt-to-prompt's local blend, "
                                "0.3). 0: off, the paper's VCT. Higher confines the change to a smaller region."),
+                io.Combo.Input("joint_blocks", options=list(JOINT_BLOCK_CHOICES), default="all", optional=True,
+                               tooltip="SD3 and Flux only: which joint-attention blocks take B*'s attention. all: "
+                               "every block. first_half / second_half: the blocks in the first or second half of "
+                               "the network. vital: the nine blocks Stable Flow found to matter in Flux.1 "
+                               "(FLUX.1 dev's layout only). SD1.x, SD2.x and SDXL use every block (leave all)."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="translation",
@@ -83,12 +90,13 @@ class VCTDualBranchSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
                 concept_tokens=0, equalizer="concept_tokens", reference=None, appearance_strength=0.0,
-                appearance_window=1.0, local_blend=0.3) -> io.NodeOutput:
+                appearance_window=1.0, local_blend=0.3, joint_blocks="all") -> io.NodeOutput:
         """Sample both branches and return B and B*."""
         architecture = arch.for_model(model, NODE)
         identity.check_matches_model(inversion, model, NODE)
         appearance = _appearance(model, inversion, reference, appearance_strength, appearance_window)
-        if inversion.null_embeddings is None:
+        distilled = architecture.guidance_distilled(model)
+        if inversion.null_embeddings is None and not distilled:
             raise ValueError(
                 f"{NODE}: the inversion has no null embeddings; put VCT Content Null-Text Invert between "
                 "VCT DDIM Invert and this node"
@@ -100,10 +108,20 @@ class VCTDualBranchSampler(io.ComfyNode):
         longer = "concept prompt" if branch.tokens > source_tokens else "source prompt (given to VCT DDIM Invert)"
         tokens.check_same_length(branch.tokens, source_tokens, "concept", "the source prompt",
                                  f"use a {longer} of at most 75 tokens")
+        if concept_tokens > 0 and not branch.layout and not architecture.paper_layout:
+            raise ValueError(
+                f"{NODE}: concept_tokens assumes a CLIP prompt of exactly embedding:NAME, which "
+                f"{arch.family_name(model)} does not encode that way (T5 has no start token). Encode the concept "
+                "with VCT Concept Prompt, or connect VCT Concept Embedding Learn's conditioning, and set "
+                "concept_tokens to 0"
+            )
         config = tokens.injection_config(source["c_crossattn"], concept, self_injection, cross_injection,
                                          concept_weight, concept_tokens, equalizer, inversion.source_layout, NODE)
         blend = _local_blend(local_blend, config)
-        patched = architecture.inject(model, config, inversion.sigmas, appearance)
+        try:
+            patched = architecture.inject(model, config, inversion.sigmas, appearance, blocks=joint_blocks)
+        except ValueError as error:
+            raise ValueError(f"{NODE}: {error}") from None
         # Each branch's ControlNet: the concept's acts on B, the source's (kept by the inversion) on B*.
         controls = {vct_ops.ROLE_MAIN: branch.control, vct_ops.ROLE_REF: inversion.source_control}
         device = patched.load_device
@@ -115,10 +133,16 @@ class VCTDualBranchSampler(io.ComfyNode):
             preview(step - 1, denoised, denoised, total)
 
         method = inversion.traits
-        if abs(cfg - inversion.cfg) > 1e-6 and method.tuned_for_cfg:
-            log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
-                        "will drift", NODE, inversion.cfg, cfg)
-        nulls = inversion.null_list()
+        if distilled:
+            # One conditional pass per branch and step, guidance from the conditioning (FluxGuidance).
+            # Straight from VCT DDIM Invert, B* is plain Euler sampling of the inverted noise (so a
+            # concept equal to the source gives B = B*); with `direct`, B* is put back on the path.
+            nulls, correct = None, method.corrects_reconstruction
+        else:
+            if abs(cfg - inversion.cfg) > 1e-6 and method.tuned_for_cfg:
+                log.warning("%s: the null embeddings were tuned for cfg %.2f but cfg is %.2f; the reconstruction "
+                            "will drift", NODE, inversion.cfg, cfg)
+            nulls, correct = inversion.null_list(), method.corrects_reconstruction
         with controls_ready(patched, controls.values()) as control_models:
             denoiser.load(patched, control_models)
             # As ComfyUI's samplers do around sampling: the model knows its patcher (CFG hooks that
@@ -130,8 +154,8 @@ class VCTDualBranchSampler(io.ComfyNode):
                     inversion.trajectory[-1].to(device), inversion.sigmas.to(device),
                     source, branch.model_cond, nulls, guidance=cfg,
                     callback=progress.step_callback(progress.Progress(steps)), preview=on_preview,
-                    ref_trajectory=inversion.trajectory.to(device) if method.corrects_reconstruction else None,
-                    guide_main=guidance.cfg_hooks(patched, branch, nulls, shape, device),
+                    ref_trajectory=inversion.trajectory.to(device) if correct else None,
+                    guide_main=None if distilled else guidance.cfg_hooks(patched, branch, nulls, shape, device),
                     local_blend=blend,
                     **_reference_rows(reference if appearance is not None else None, device),
                 )

@@ -180,18 +180,25 @@ def _workflow_key(name: str) -> str:
     return "_".join(words[1:] if words[:1] == ["vct"] else words)
 
 
+# Short names where the file name's words would give a clumsy one ('sd3_5_subject_translation').
+SHORT_NAMES = {"VCT SD3.5 subject translation.json": "sd35_translation",
+               "VCT Flux.1 subject translation.json": "flux_translation"}
+
+
 def shipped_workflows() -> dict:
     """Return {short name: file} of the workflows shipped in example_workflows/."""
-    return {_workflow_key(p.name): p for p in sorted(WORKFLOWS_DIR.glob("*.json"))}
+    return {SHORT_NAMES.get(p.name, _workflow_key(p.name)): p for p in sorted(WORKFLOWS_DIR.glob("*.json"))}
 
 
 def resolve_workflow(name) -> Path:
-    """Return the file of a workflow given as a path or a shipped name (`subject_translation`, `fast_translation`)."""
+    """Return the file of a workflow given as a path, a shipped name (`subject_translation`, `sd35_translation`,
+    `flux_translation`, ...) or a shipped file's name."""
     if Path(name).is_file():
         return Path(name).resolve()
     shipped = shipped_workflows()
-    if _workflow_key(str(name)) in shipped:
-        return shipped[_workflow_key(str(name))].resolve()
+    known = {**{_workflow_key(p.name): p for p in shipped.values()}, **shipped}  # short names win
+    if _workflow_key(str(name)) in known:
+        return known[_workflow_key(str(name))].resolve()
     raise UsageError(f"--workflow {name}: no such file or shipped workflow (shipped: {', '.join(sorted(shipped))})")
 
 
@@ -354,8 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", action="store_true",
                     help="run the subject-translation workflow on the toy model and images shipped in tools/demo/, "
                          "on the CPU (about a minute; no download); prints the saved image and the result card")
-    ap.add_argument("--workflow", help="subject_translation, style_transfer, controlnet, fast_translation, or a "
-                    "workflow file")
+    ap.add_argument("--workflow", help="subject_translation, style_transfer, controlnet, fast_translation, "
+                    "sd35_translation (SD3.5), flux_translation (Flux.1 dev), or a workflow file")
     ap.add_argument("--checkpoint", help="a file in ComfyUI's models/checkpoints (default: the workflow's)")
     ap.add_argument("--source", help="the image whose structure is kept")
     ap.add_argument("--reference", help="the image of the object or style to bring in")

@@ -1,14 +1,16 @@
 """Model architectures behind one seam: `for_model` gives the implementation that serves a model's family.
 
-Today one implementation, the SD UNet (sd_unet.py). A new family plugs in as one more
-`Architecture` (base.py) listed in ARCHITECTURES; the nodes do not change.
+Two implementations: the SD UNet (sd_unet.py: SD1.x, SD2.x, SDXL) and the joint-attention
+transformers (mmdit.py: SD3.x, Flux.1). A new family plugs in as one more `Architecture`
+(base.py) listed in ARCHITECTURES; the nodes do not change.
 """
 from __future__ import annotations
 
 from .base import Architecture
+from .mmdit import JointTransformer
 from .sd_unet import SDUNet
 
-ARCHITECTURES: tuple[Architecture, ...] = (SDUNet(),)
+ARCHITECTURES: tuple[Architecture, ...] = (SDUNet(), JointTransformer())
 
 
 def family_name(model) -> str:
@@ -29,8 +31,8 @@ def for_model(model, node: str = "VCT") -> Architecture:
             return arch
     raise ValueError(
         f"{node}: the connected model is a {family_name(model)} model; VCT supports "
-        f"{', '.join(supported_families())} (Stable Diffusion 1.x, 2.x and SDXL base) checkpoints. Load one with "
-        "CheckpointLoaderSimple."
+        f"{', '.join(supported_families())} (Stable Diffusion 1.x, 2.x, SDXL base, SD3.x, Flux.1 dev and schnell) "
+        "checkpoints. Load one with CheckpointLoaderSimple (or, for SD3 and Flux, UNETLoader with its CLIP loader)."
     )
 
 

@@ -15,9 +15,17 @@ from __future__ import annotations
 import abc
 from typing import Callable, Optional
 
+import comfy.ldm.modules.attention as comfy_attention
 import torch
 
 from ...vct_ops import AppearanceConfig, InjectionConfig
+
+
+def fused_attention(*args, **kwargs):
+    """Return PyTorch's fused attention of ComfyUI's attention arguments (it backpropagates on every device)."""
+    # Sub-quadratic attention (ComfyUI's CPU default) was seen to give zero gradients to the text
+    # conditioning.
+    return comfy_attention.attention_pytorch(*args, **kwargs)
 
 
 class Architecture(abc.ABC):
@@ -27,18 +35,44 @@ class Architecture(abc.ABC):
     families: dict[str, type] = {}
     #: What the model's `extra_conds` may return for a VCT prompt (anything else is refused).
     condition_keys: tuple[str, ...] = ()
+    #: Whether a plain `embedding:NAME` prompt has the paper's layout [start, vectors, end] (one CLIP segment).
+    paper_layout: bool = True
+    #: Whether a ControlNet on a VCT prompt is applied to its branch (else it is refused by name).
+    controlnet: bool = True
 
     @abc.abstractmethod
     def context_width(self, model) -> Optional[int]:
         """Return the text-conditioning width the model takes, when its config says."""
 
+    def conditioning_width(self, encoders: list) -> int:
+        """Return the width of the text conditioning the encoders give together (side by side by default)."""
+        return sum(e.width for e in encoders)
+
+    def check_text_encoders(self, model, encoders: list, node: str) -> None:
+        """Raise ValueError when the encoders cannot condition `model` (their conditioning has another width)."""
+        width, encoded = self.context_width(model), self.conditioning_width(encoders)
+        if width is not None and encoded != width:
+            raise ValueError(
+                f"{node}: the CLIP encodes {encoded}-wide conditioning but the model takes {width}; connect the CLIP "
+                "of the same checkpoint as the model"
+            )
+
+    def guidance_distilled(self, model) -> bool:
+        """Return whether the model takes guidance as an input and runs no unconditional branch (Flux)."""
+        return False
+
+    def check_prompt_length(self, conditioning, name: str) -> None:
+        """Raise ValueError when a source prompt is longer than VCT can align (nothing to check by default)."""
+        return None
+
     @abc.abstractmethod
     def inject(self, model, config: InjectionConfig, sigmas: torch.Tensor,
-               appearance: Optional[AppearanceConfig] = None):
+               appearance: Optional[AppearanceConfig] = None, blocks: str = "all"):
         """Return a clone of `model` with VCT's dual-branch control on its attention, wrapping patches already there.
 
         With `appearance`, the self-attention of the blocks the architecture calls its decoder may
-        also read the reference rows' keys and values (reference appearance attention).
+        also read the reference rows' keys and values (reference appearance attention). `blocks`
+        names which blocks take part, where the architecture offers a choice ("all" everywhere).
         """
 
     @staticmethod
@@ -49,6 +83,10 @@ class Architecture(abc.ABC):
     @abc.abstractmethod
     def recompute_types(self) -> tuple[type, ...]:
         """Return the block classes whose activations may be recomputed in backward instead of kept."""
+
+    def inplace_residual_types(self) -> tuple[type, ...]:
+        """Return the block classes that add residuals in place, which training runs out of place (none by default)."""
+        return ()
 
     @abc.abstractmethod
     def text_encoders(self, clip, node: str) -> list:

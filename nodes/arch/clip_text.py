@@ -7,27 +7,57 @@ written out here because ComfyUI's adds residuals in place, which autograd canno
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ... import vct_ops
-from ..prompts import concept_token_list
+from ..prompts import spliced_tokens
 
 
 @dataclasses.dataclass
 class ClipEncoder:
-    """One text encoder of a CLIP object: its token key ('l', 'h', 'g'), its module and its embedding-file key."""
+    """One text encoder of a CLIP object: its token key ('l', 'h', 'g'), its module and its embedding-file key.
+
+    `segment` names the span of the model's text tokens its output fills (encoders that share one
+    sit side by side, as SDXL's CLIP-L and CLIP-G); None when only its pooled output reaches the
+    model (Flux's CLIP-L).
+    """
 
     clip: object
     key: str
     module: torch.nn.Module
     embedding_key: str
+    segment: Optional[str] = "clip"
+    start = True  # CLIP's token stream begins with a start token
 
     @property
     def width(self) -> int:
         """Return the token-embedding width."""
         return self.module.transformer.get_input_embeddings().weight.shape[-1]
+
+    def splice(self, before: str, vectors, after: str, tokenized: dict | None = None) -> tuple[list, list]:
+        """Return (token list, layout ids) of `before` + the concept vectors + `after` for this encoder."""
+        return spliced_tokens(self, before, vectors, after, tokenized)
+
+    def encode(self, vectors: torch.Tensor, tokenized: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (hidden states, pooled output) of the prompt made of `vectors` alone, with gradients to them."""
+        module = self.module
+        tokens = [pair[0] for pair in self.splice("", vectors.to(device), "", tokenized)[0]]  # weights 1
+        embeds, mask, num_tokens, _ = module.process_tokens([tokens], device)
+        if module.layer == "all":
+            raise ValueError("concept learning needs a CLIP set to one layer, not 'all'")
+        last, intermediate = clip_forward(
+            module.transformer.text_model, embeds, mask if module.enable_attention_masks else None,
+            None if module.layer == "last" else module.layer_idx, module.layer_norm_hidden_state,
+        )
+        z = last if module.layer == "last" else intermediate
+        if module.zero_out_masked:
+            z = z * mask.unsqueeze(-1).float()
+        pooled = last[torch.arange(last.shape[0]), [n - 1 for n in num_tokens]]
+        if module.return_projected_pooled:
+            pooled = module.transformer.text_projection(pooled)
+        return z.float(), pooled.float()
 
 
 def clip_encoders(clip, node: str) -> list[ClipEncoder]:
@@ -35,7 +65,9 @@ def clip_encoders(clip, node: str) -> list[ClipEncoder]:
     outer = getattr(clip, "cond_stage_model", None)
     tokenizer = getattr(clip, "tokenizer", None)
     attr = getattr(outer, "clip", None)
-    if isinstance(attr, str) and hasattr(outer, "clip_name"):
+    if hasattr(outer, "t5xxl"):  # SD3's and Flux's text encoders: another architecture's
+        pairs = []
+    elif isinstance(attr, str) and hasattr(outer, "clip_name"):
         pairs = [(outer.clip_name, attr)]
     elif hasattr(outer, "clip_l") and hasattr(outer, "clip_g"):
         pairs = [("l", "clip_l"), ("g", "clip_g")]
@@ -100,7 +132,7 @@ class GradientEncoder:
 
     def __call__(self, vectors: dict) -> dict:
         """Return the model's conditioning dict for the concept prompt made of `vectors`."""
-        outputs = [self._encode(e, vectors[e.key]) for e in self.encoders]
+        outputs = [e.encode(vectors[e.key], self.tokenized, self.text_device) for e in self.encoders]
         if len(outputs) == 1:
             cond, pooled = outputs[0]
         else:  # SDXL: CLIP-L and CLIP-G side by side, pooled output from CLIP-G
@@ -108,25 +140,6 @@ class GradientEncoder:
             cond = torch.cat([out[:, :tokens] for out, _ in outputs], dim=-1)
             pooled = outputs[-1][1]
         return self.to_model([[cond, {"pooled_output": pooled}]])
-
-    def _encode(self, encoder: ClipEncoder, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        module = encoder.module
-        text_device = self.text_device
-        tokens = [pair[0] for pair in concept_token_list(encoder, vectors.to(text_device), self.tokenized)]  # weights 1
-        embeds, mask, num_tokens, _ = module.process_tokens([tokens], text_device)
-        if module.layer == "all":
-            raise ValueError("concept learning needs a CLIP set to one layer, not 'all'")
-        last, intermediate = clip_forward(
-            module.transformer.text_model, embeds, mask if module.enable_attention_masks else None,
-            None if module.layer == "last" else module.layer_idx, module.layer_norm_hidden_state,
-        )
-        z = last if module.layer == "last" else intermediate
-        if module.zero_out_masked:
-            z = z * mask.unsqueeze(-1).float()
-        pooled = last[torch.arange(last.shape[0]), [n - 1 for n in num_tokens]]
-        if module.return_projected_pooled:
-            pooled = module.transformer.text_projection(pooled)
-        return z.float(), pooled.float()
 
 
 def clip_forward(text_model, embeds: torch.Tensor, attention_mask, layer_index, norm_intermediate: bool):

@@ -11,8 +11,7 @@ Layouts at the override: SD3 passes q, k as `[rows, L, heads * d]` and v as `[ro
 `heads` by keyword; Flux passes q, k, v as `[rows, heads, L, d]` (RoPE applied) with
 `skip_reshape=True`, `heads` positionally. Both expect `[rows, L, heads * d]` back.
 
-Not yet an `Architecture`: the families' text side (T5 and CLIP token layouts, concept learning
-through T5) is still to come, so no node serves these models yet.
+The architecture that uses it for SD3 and Flux is mmdit.py.
 """
 from __future__ import annotations
 
@@ -26,18 +25,26 @@ PATCH = 2  # SD3's and Flux's patch side in latent pixels
 BLOCK_KEY = "vct_joint_block"
 
 
-def image_tokens(latent_shape) -> int:
+def image_tokens(latent_shape, patch: int = PATCH) -> int:
     """Return how many image tokens a latent of `latent_shape` `[rows, C, H, W]` gives (padded to whole patches)."""
-    return math.ceil(latent_shape[-2] / PATCH) * math.ceil(latent_shape[-1] / PATCH)
+    return math.ceil(latent_shape[-2] / patch) * math.ceil(latent_shape[-1] / patch)
+
+
+def patch_size(model) -> int:
+    """Return the model's patch side in latent pixels (2 for SD3 and Flux checkpoints)."""
+    size = model.model.model_config.unet_config.get("patch_size", PATCH)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 class JointOverride:
     """ComfyUI's `optimized_attention_override` carrying VCT's joint-attention control, wrapping a previous one."""
 
-    def __init__(self, controller: vct_ops.JointAttentionController, previous=None, blocks=None) -> None:
+    def __init__(self, controller: vct_ops.JointAttentionController, previous=None, blocks=None,
+                 patch: int = PATCH) -> None:
         """Bind the run's controller and the override that was set before (called for everything VCT leaves alone);
-        with `blocks`, only calls inside those blocks (keys as `joint_block_keys` gives them) are controlled."""
-        self.controller, self.previous = controller, previous
+        with `blocks`, only calls inside those blocks (keys as `joint_block_keys` gives them) are controlled.
+        `patch` is the model's patch side, which sets how many of a call's tokens are the image's."""
+        self.controller, self.previous, self.patch = controller, previous, patch
         self.blocks = None if blocks is None else frozenset(blocks)
 
     def _plain(self, func, args, kwargs):
@@ -59,7 +66,7 @@ class JointOverride:
             q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))
         elif v.dim() == 4:  # SD3: v is [rows, L, heads, d]
             v = v.flatten(2)
-        text = q.shape[1] - image_tokens(shape)
+        text = q.shape[1] - image_tokens(shape, self.patch)
 
         def attention(q_, k_, v_, heads_, extra):
             # ComfyUI's attention (or the override before ours) for the rows VCT computes fused, in
@@ -93,7 +100,7 @@ def joint_controlled_clone(model, controller: vct_ops.JointAttentionController, 
     # The clone's options are its own copy (ModelPatcher.clone copies model_options), so the
     # original model keeps its override.
     previous = options.get("optimized_attention_override")
-    options["optimized_attention_override"] = JointOverride(controller, previous, blocks)
+    options["optimized_attention_override"] = JointOverride(controller, previous, blocks, patch_size(model))
     if blocks is not None:
         known = joint_block_keys(model)
         unknown = [key for key in blocks if tuple(key) not in known]

@@ -16,7 +16,21 @@ import torch
 
 from ... import vct_ops
 from . import clip_text
-from .base import Architecture
+from .base import Architecture, fused_attention
+
+# CLIP encodes a prompt in chunks of 77 tokens (75 plus the start and end tokens); VCT's concept
+# prompts are always one chunk.
+CHUNK_TOKENS = 77
+
+
+def check_one_chunk(conditioning, name: str) -> None:
+    """Raise ValueError when a CONDITIONING spans more than one CLIP chunk (its text is over 75 tokens)."""
+    tokens = conditioning[0][0].shape[1]
+    if tokens > CHUNK_TOKENS:
+        raise ValueError(
+            f"{name} encodes to {tokens} tokens, more than one {CHUNK_TOKENS}-token chunk: its text is longer than "
+            "75 tokens. VCT aligns it with a concept prompt of one chunk, so shorten it to at most 75 tokens"
+        )
 
 
 def _comfy_attention(q, k, v, heads, extra_options):
@@ -77,18 +91,23 @@ class SDUNet(Architecture):
         return model.model.model_config.unet_config.get("context_dim")
 
     def inject(self, model, config: vct_ops.InjectionConfig, sigmas: torch.Tensor,
-               appearance: Optional[vct_ops.AppearanceConfig] = None):
+               appearance: Optional[vct_ops.AppearanceConfig] = None, blocks: str = "all"):
         """Return a clone with the controller on every transformer block's attn1 and attn2, wrapping patches there;
         the output blocks are the decoder for appearance attention."""
+        if blocks != "all":
+            raise ValueError(f"joint_blocks is {blocks!r}, a choice for SD3 and Flux; the UNet families use every "
+                             "transformer block: set it to all")
         controller = vct_ops.AttentionController(sigmas, config, attention=_comfy_attention, appearance=appearance)
         return controlled_clone(model, controller)
 
     @staticmethod
     def gradient_attention(func, *args, **kwargs):
         """Return PyTorch's fused attention, which backpropagates on every device."""
-        # Sub-quadratic attention (ComfyUI's CPU default) was seen to give zero gradients to the text
-        # conditioning.
-        return comfy_attention.attention_pytorch(*args, **kwargs)
+        return fused_attention(*args, **kwargs)
+
+    def check_prompt_length(self, conditioning, name: str) -> None:
+        """Raise ValueError when the prompt spans more than one 77-token CLIP chunk."""
+        check_one_chunk(conditioning, name)
 
     def recompute_types(self) -> tuple[type, ...]:
         """Return the UNet's residual and transformer blocks."""

@@ -87,21 +87,6 @@ def differentiable_model_cond(model, name: str, latent_shape, device) -> Callabl
     return convert
 
 
-# The CLIP tokenizers of every supported family (SD1.x, SD2.x, SDXL) encode a prompt in chunks of 77
-# tokens (75 plus the start and end tokens); VCT's concept prompts are always one chunk.
-CHUNK_TOKENS = 77
-
-
-def check_one_chunk(conditioning, name: str) -> None:
-    """Raise ValueError when a CONDITIONING spans more than one CLIP chunk (its text is over 75 tokens)."""
-    tokens = conditioning[0][0].shape[1]
-    if tokens > CHUNK_TOKENS:
-        raise ValueError(
-            f"{name} encodes to {tokens} tokens, more than one {CHUNK_TOKENS}-token chunk: its text is longer than "
-            "75 tokens. VCT aligns it with a concept prompt of one chunk, so shorten it to at most 75 tokens"
-        )
-
-
 def context_width(model) -> Optional[int]:
     """Return the text-conditioning width the model expects, when its config says."""
     return arch.for_model(model).context_width(model)
@@ -149,8 +134,12 @@ class BranchConditioning:
     @classmethod
     def read(cls, model, conditioning, name: str, latent_shape) -> "BranchConditioning":
         """Return the branch's prompt, with a ControlNet allowed on it; raise on anything VCT cannot apply."""
-        cond = model_cond(model, conditioning, name, latent_shape, allow=("control",))
+        architecture = arch.for_model(model)
         options = conditioning[0][1]
+        if options.get("control") is not None and not architecture.controlnet:
+            raise ValueError(f"{name} carries a ControlNet, which VCT does not yet apply on {arch.family_name(model)} "
+                             "models; remove Apply ControlNet from this conditioning")
+        cond = model_cond(model, conditioning, name, latent_shape, allow=("control",))
         return cls(conditioning, cond, options.get(tokens.LAYOUT_KEY), options.get("control"))
 
     @property

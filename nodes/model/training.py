@@ -34,12 +34,13 @@ def training_fits(model, shape) -> bool:
 
 def training_model(model, shape):
     """Return the model to train through: a clone that recomputes activations in backward when a
-    forward+backward pass on `shape` would not fit in free memory, else `model` itself."""
-    if training_fits(model, shape):
-        return model
-    log.info("VCT: too little free memory for a training pass on %s; recomputing activations in backward",
-             tuple(shape))
-    return recompute.checkpointed_clone(model)
+    forward+backward pass on `shape` would not fit in free memory (and whose in-place residuals run
+    out of place where the architecture has them), else `model` itself."""
+    fits = training_fits(model, shape)
+    if not fits:
+        log.info("VCT: too little free memory for a training pass on %s; recomputing activations in backward",
+                 tuple(shape))
+    return recompute.training_clone(model, recompute=not fits)
 
 
 def load_for_training(model, clip=None, extra: tuple = ()) -> tuple:

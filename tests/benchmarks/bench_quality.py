@@ -13,7 +13,9 @@ UNet rows run forward and forward+backward, and wall time, each the mean over th
 `--cost-tasks N` adds the cost variants (fewer concept steps, 10 null-text inner steps, bfloat16
 training) on the first N tasks, and `--reconstruction-tasks N` the null-text reconstruction test
 with the source's caption as source prompt. `--grid` writes a PNG of a few tasks (source,
-reference, VCT, SDEdit 0.75, plain CFG) and `--json` every per-task figure.
+reference, VCT, SDEdit 0.75, plain CFG) and `--json` every per-task figure. `--family sd3` runs the
+same table on the joint-attention transformer toy model (tests/quality/toy_flow_model.py), with its
+`joint_blocks` choices as extra rows.
 """
 from __future__ import annotations
 
@@ -95,6 +97,12 @@ def parse_args() -> argparse.Namespace:
                    help="skip the main methods (ablations, baselines); VCT's defaults still run beside appearance")
     p.add_argument("--equalizer", default="concept_tokens", choices=("concept_tokens", "reference_code"),
                    help="the equaliser VCT runs with (the other one is measured as an ablation)")
+    p.add_argument("--family", default="sd15", choices=("sd15", "sd3"),
+                   help="the toy model: sd15 (the UNet, tests/quality/toy_model.py) or sd3 (the joint-attention "
+                   "transformer, tests/quality/toy_flow_model.py)")
+    p.add_argument("--blocks-tasks", type=int, default=None,
+                   help="with --family sd3, the joint_blocks choices on the first N tasks (default: every task)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG of every CFG method (default: the paper's 7.5)")
     return p.parse_args()
 
 
@@ -147,6 +155,22 @@ def format_table(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# VCT's stages with the paper's defaults: (label, node id in harness.build's graph).
+STAGES = (("VCT DDIM Invert", "ddim"), ("VCT Content Null-Text Invert", "null_null_text"),
+          ("VCT Concept Embedding Learn", "concept"), ("VCT Dual-Branch Sampler", "vct"))
+
+
+def format_stages(outcomes: list) -> str:
+    """Return the mean wall time and model rows (forward, forward+backward) of VCT's stages per task, as text."""
+    lines = [f"{'stage (mean per task)':<36}  {'time s':>10}  {'fwd rows':>10}  {'fwd+bwd':>10}"]
+    for label, node in STAGES:
+        costs = [o.costs[node] for o in outcomes if node in o.costs]
+        if costs:
+            seconds, forward, train = (np.mean([c[k] for c in costs]) for k in ("seconds", "forward", "train"))
+            lines.append(f"{label:<36}  {seconds:>10.1f}  {forward:>10.0f}  {train:>10.0f}")
+    return "\n".join(lines)
+
+
 def write_grid(path: Path, outcomes: list, scale: int = 4) -> None:
     """Write a PNG: one row per task, columns source, reference and the GRID_METHODS results."""
     import world
@@ -156,7 +180,8 @@ def write_grid(path: Path, outcomes: list, scale: int = 4) -> None:
     for outcome in outcomes:
         cells = [world.render(outcome.task.source), world.render(outcome.task.reference)]
         labels = {"fast preset": __import__("harness").FAST_PRESET.label}
-        cells += [outcome.images[(labels.get(m, m), "result")][0] for m in GRID_METHODS]
+        cells += [outcome.images[(labels.get(m, m), "result")][0] for m in GRID_METHODS
+                  if (labels.get(m, m), "result") in outcome.images]
         gap = np.ones((world.SIDE, 1, 3))
         rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))
     gap = np.ones((1, rows[0].shape[1], 3))
@@ -178,7 +203,16 @@ def main() -> int:
     import world
     from support import comfy_runner
 
-    weights = toy_model.weights_path()
+    if args.family == "sd3":
+        import toy_flow_model
+
+        weights = toy_flow_model.weights_path()
+        # The UNet-only rows: bfloat16 training and sequential accumulation are measured on the UNet.
+        args.cost_tasks, args.sequential_tasks = 0, 0
+        blocks_tasks = args.tasks if args.blocks_tasks is None else args.blocks_tasks
+    else:
+        weights = toy_model.weights_path()
+        blocks_tasks = 0
     with safetensors.safe_open(str(weights), framework="pt") as f:
         meta = f.metadata() or {}
     print(f"toy model: {weights.name}, trained in {meta.get('training_seconds', '?')} s "
@@ -191,13 +225,14 @@ def main() -> int:
     env = comfy_env.get_env()
     pack = comfy_runner.load_pack()
     counter = running.PassCounter()
-    settings = harness.settings_with(equalizer=args.equalizer, seed=args.seed)
+    fields = dict(equalizer=args.equalizer, seed=args.seed, family=args.family)
+    settings = harness.settings_with(**fields, **({} if args.cfg is None else {"cfg": args.cfg}))
     if args.fast_only is not None:  # this run's fast configurations (the harness reads FAST when it builds)
         harness.FAST = tuple(f for f in harness.FAST if any(word in f.label for word in args.fast_only))
     tasks = harness.task_set()[: args.tasks]
     per_task, outcomes, record = [], [], []
     start = time.perf_counter()
-    clip = toy_model.build()[1]  # only to count the caption's tokens
+    clip = toy_model.build()[1] if args.family == "sd15" else None  # only to count the caption's tokens
     with running.toy_checkpoint(env, counter, weights):
         runner = running.Runner(env.input_dir, counter)
         for task in tasks:
@@ -214,10 +249,12 @@ def main() -> int:
                 groups.append("cost")
             if task.index < args.reconstruction_tasks:
                 groups.append("reconstruction")
+            if task.index < blocks_tasks:
+                groups.append("blocks")
             if not groups:  # only the study runs on this task
                 per_task.append({})
                 continue
-            text_tokens = harness.caption_tokens(clip, task.reference.caption())
+            text_tokens = harness.caption_tokens(clip, task.reference.caption()) if clip is not None else 0
             outcome = runner.run(task, settings, tuple(groups), text_tokens=text_tokens)
             rows = scoring.score(outcome)
             per_task.append(rows)
@@ -268,6 +305,7 @@ def main() -> int:
             print(f"  on the {row['tasks']} tasks of {name} (and every variant run on them) VCT scores "
                   f"IoUxconc {same['score']:.3f}, IoU {same['structure']:.3f}, concept {same['concept']:.3f}, "
                   f"B* PSNR {np.mean(psnr):.1f}, {same['seconds']:.1f} s")
+    print(format_stages(outcomes))
     if samples is not None:
         print(f"concept learning alone: of {settings.concept_samples} plain CFG samples of the learned concept per "
               f"task, {samples['both']:.3f} carry the reference's colour and texture (attribute accuracy "

@@ -182,7 +182,7 @@ class TinyCheckpoint:
 
     def add(self, name: str, seed: int = 0, family: str = "sd15") -> str:
         """Make `name` (e.g. a real checkpoint name a shipped workflow uses) load as a tiny checkpoint
-        of `family` ("sd15", "sd2" or "sdxl"; see comfy_tiny_checkpoint.tiny_checkpoint)."""
+        of `family` ("sd15", "sd2", "sdxl", "sd3" or "flux"; see comfy_tiny_checkpoint.tiny_checkpoint)."""
         from support import comfy_tiny_checkpoint
 
         path = comfy_tiny_checkpoint.write_tiny_checkpoint_file(self.folder / name, seed=seed, family=family)

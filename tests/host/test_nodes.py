@@ -222,6 +222,12 @@ def test_bad_inputs_get_clear_errors(pack, setup):
         pack.run("VCTDDIMInvert", model, nan, setup["source"], 5)
 
 
+def test_joint_blocks_other_than_all_are_refused_on_the_unet(pack, setup):
+    with pytest.raises(ValueError, match="joint_blocks is 'first_half', a choice for SD3 and Flux.*set it to all"):
+        pack.run("VCTDualBranchSampler", setup["model"], setup["tuned"], setup["source"], 7.5, 0.9, 0.2, 0.5,
+                 joint_blocks="first_half")
+
+
 def test_another_model_family_is_refused_by_name(pack, setup):
     import comfy.supported_models
 

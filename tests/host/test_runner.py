@@ -14,11 +14,19 @@ import numpy as np
 import pytest
 from PIL import Image
 from support import comfy_runner
+from test_workflows import workflow_family
 
 rw = comfy_runner.run_workflow
 SHIPPED = sorted(rw.shipped_workflows())
 SMALL = ["ImageScale.width=32", "ImageScale.height=32", "VCTDDIMInvert.steps=3", "VCTNullTextInvert.inner_steps=2",
          "VCTConceptLearn.steps=2", "VCTConceptLearn.grad_accum=1", "VCTConceptLearn.embedding_name="]
+
+
+def small_for(prompt: dict) -> list[str]:
+    """Return the SMALL overrides that name a node class the prompt has."""
+    # Flux's template has no null-text node, and `--set` on a class the workflow lacks is an error.
+    classes = {v["class_type"] for v in prompt.values()}
+    return [s for s in SMALL if s.split(".")[0] in classes]
 
 
 def write_image(path: Path, width: int = 40, height: int = 48, seed: int = 0) -> Path:
@@ -53,19 +61,22 @@ def test_runner_module_imports_nothing_from_comfyui():
 @pytest.mark.parametrize("workflow", SHIPPED)
 def test_run_shipped_workflow_to_a_saved_png(workflow, vct_pack, tiny_checkpoint, comfy_session, tmp_path, staged,
                                              caplog):
-    ckpt = tiny_checkpoint.add("vct_runner_tiny.safetensors", seed=1)
-    for node in rw.api_prompt_from_file(rw.resolve_workflow(workflow)).values():
+    family = workflow_family(rw.resolve_workflow(workflow))  # sd15, or sd3 / flux for the transformer templates
+    ckpt = tiny_checkpoint.add(f"vct_runner_tiny_{family}.safetensors", seed=1, family=family)
+    prompt = rw.api_prompt_from_file(rw.resolve_workflow(workflow))
+    for node in prompt.values():
         if node["class_type"] == "ControlNetLoader":
             tiny_checkpoint.add_controlnet(node["inputs"]["control_net_name"])
     source = write_image(tmp_path / "photo.png", seed=1)
     reference = write_image(tmp_path / "dog.jpg", width=36, height=30, seed=2)
     assert rw.bootstrap(comfy_session.comfyui_path) is False, "the session's ComfyUI is detected and reused"
     with caplog.at_level(logging.INFO, logger="vct.run_workflow"):
-        saved = rw.run(comfy_session.comfyui_path, workflow, ckpt, source, reference, SMALL, cpu=True)
+        saved = rw.run(comfy_session.comfyui_path, workflow, ckpt, source, reference, small_for(prompt), cpu=True)
     assert saved and all(p.is_absolute() and p.is_file() and p.suffix == ".png" for p in saved)
     assert all(p.parent == comfy_session.output_dir for p in saved)
     assert Image.open(saved[0]).size == (32, 32)
     assert len(tiny_checkpoint.calls) == 1 and tiny_checkpoint.calls[0]["ckpt_path"].endswith(ckpt)
+    assert tiny_checkpoint.calls[0]["family"] == family
     assert sorted(p.suffix for p in staged.iterdir()) == [".jpg", ".png"], "both images copied to input/vct/"
     assert "VCTDualBranchSampler" in caplog.text and "[1/" in caplog.text, "a progress line per node"
     for p in saved:
@@ -109,12 +120,25 @@ def test_the_runners_modules_say_they_are_not_commands(module):
 
 
 def test_resolve_workflow_names():
-    assert SHIPPED == ["controlnet", "fast_translation", "style_transfer", "subject_translation"]
+    assert SHIPPED == ["controlnet", "fast_translation", "flux_translation", "sd35_translation", "style_transfer",
+                       "subject_translation"]
     assert rw.resolve_workflow("controlnet") == (rw.WORKFLOWS_DIR / "VCT + ControlNet.json").resolve()
     for name in ("subject_translation", "vct_subject_translation", "VCT subject translation.json"):
         assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "VCT subject translation.json").resolve()
-    with pytest.raises(rw.UsageError, match="shipped: .*style_transfer"):
+    for name in ("sd35_translation", "VCT SD3.5 subject translation.json", "sd3_5_subject_translation"):
+        assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "VCT SD3.5 subject translation.json").resolve()
+    for name in ("flux_translation", "VCT Flux.1 subject translation.json", "flux_1_subject_translation"):
+        assert rw.resolve_workflow(name) == (rw.WORKFLOWS_DIR / "VCT Flux.1 subject translation.json").resolve()
+    with pytest.raises(rw.UsageError, match="shipped: .*flux_translation, sd35_translation, style_transfer"):
         rw.resolve_workflow("no_such_workflow")
+
+
+def test_the_help_names_every_shipped_workflow(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        rw.main(["--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert all(name in text for name in SHIPPED), text
 
 
 def test_set_parsing_and_clear_errors(vct_pack):

@@ -222,18 +222,28 @@ def test_checkpoint_patch_families(tiny_checkpoint, comfy_session, tmp_path):
     legacy = tmp_path / "legacy.safetensors"          # marker written before families existed
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(legacy),
                                 metadata={comfy_tiny_checkpoint.TINY_CKPT_METADATA_KEY: json.dumps({"seed": 0})})
-    expected = {"sd15": (ModelType.EPS, "l"), "sd2": (ModelType.V_PREDICTION, "h"), "sdxl": (ModelType.EPS, "g")}
+    expected = {"sd15": (ModelType.EPS, "l", 4), "sd2": (ModelType.V_PREDICTION, "h", 4),
+                "sdxl": (ModelType.EPS, "g", 4), "sd3": (ModelType.FLOW, "t5xxl", 16),
+                "flux": (ModelType.FLUX, "t5xxl", 16)}
     folder = comfy_session.folder("checkpoints")
-    for family, (mtype, tok) in expected.items():
+    for family, (mtype, tok, channels) in expected.items():
         name = tiny_checkpoint.add(f"vct_tiny_fam_{family}.safetensors", family=family)
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(folder / name))
         assert model.model.model_type == mtype and tok in clip.tokenize("x") and vae.downscale_ratio == 8
+        # VAEEncode's latent fits the model: 16 channels for SD3 and Flux, also through the tiled fallback
+        assert vae.encode(torch.rand(1, 32, 40, 3)).shape == (1, channels, 4, 5) and vae.latent_channels == channels
+        assert model.model.latent_format.latent_channels == channels
         assert tiny_checkpoint.calls[-1]["family"] == family
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(legacy))
     assert type(model.model) is comfy.model_base.BaseModel and list(clip.tokenize("x")) == ["l"]
     assert tiny_checkpoint.calls[-1]["family"] == "sd15"
     with pytest.raises(ValueError, match="family"):
-        comfy_tiny_checkpoint.write_tiny_checkpoint_file(tmp_path / "bad.safetensors", family="sd3")
+        comfy_tiny_checkpoint.write_tiny_checkpoint_file(tmp_path / "bad.safetensors", family="sd4")
+    # Real checkpoint names -> the tiny family standing in for them (shipped templates run on it)
+    assert [comfy_tiny_checkpoint.checkpoint_family(n) for n in (
+        "v1-5-pruned-emaonly.safetensors", "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
+        "sd3.5_large.safetensors", "flux1-dev-fp8.safetensors", "FLUX.1-schnell.safetensors")] == [
+        "sd15", "sd3", "sd3", "flux", "flux"]
 
 
 def family_prompt(ckpt_name: str, sdxl_encode: bool = False) -> dict:

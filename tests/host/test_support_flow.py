@@ -1,7 +1,6 @@
 """The tiny SD3 and Flux models of comfy_tiny_flow, on ComfyUI's own classes: flow sampling, conditioning,
 the hooks joint-attention control will use (dit block replaces, the attention override), and the
-kernel's Euler inversion of the flow ODE through them. Until VCT serves these families, its nodes
-refuse them by name."""
+kernel's Euler inversion of the flow ODE through them (the VCT nodes on them: test_flow_nodes.py)."""
 from __future__ import annotations
 
 import comfy.model_sampling
@@ -105,11 +104,3 @@ def test_euler_inversion_of_the_flow_then_sampling_retraces_the_latent(family, p
     error = float((rebuilt - z0).pow(2).mean() / z0.pow(2).mean())
     print(f"{family['name']}: relative squared error of Euler inversion and sampling, 50 steps: {error:.2e}")
     assert error < 0.05
-
-
-def test_vct_refuses_the_families_by_name_until_it_serves_them(family, pack):
-    latent = {"samples": torch.randn(1, flow.LATENT_CHANNELS, 8, 8)}
-    cond = [[family["context"], {"pooled_output": family["pooled"]}]]
-    name = "SD3" if family["name"] == "sd3" else "Flux"
-    with pytest.raises(ValueError, match=f"{name} model.*SD15, SD20, SDXL"):
-        pack.run("VCTDDIMInvert", family["model"], latent, cond, 5)

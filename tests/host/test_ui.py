@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_template_nodes_never_overlap(path, vct_pack):
 def test_example_workflows_hold_only_templates_and_their_thumbnails():
     files = sorted(p.name for p in TEMPLATES.iterdir())
     stems = {p.stem for p in WORKFLOWS}
-    assert stems == {"VCT subject translation", "VCT style transfer", "VCT + ControlNet", "VCT fast translation"}
+    assert stems == {"VCT subject translation", "VCT style transfer", "VCT + ControlNet", "VCT fast translation",
+                     "VCT SD3.5 subject translation", "VCT Flux.1 subject translation"}
     assert files == sorted([f"{s}.json" for s in stems] + [f"{s}.jpg" for s in stems])
     assert not (ROOT / "workflows").exists()  # ComfyUI would serve that folder as templates too
     for stem in stems:
@@ -71,7 +73,9 @@ def test_templates_link_their_models_for_the_missing_models_dialog(path):
         assert [m["name"] for m in models] == [node["widgets_values"][0]]
         for model in models:
             assert model["directory"] == ("checkpoints" if node["type"] == "CheckpointLoaderSimple" else "controlnet")
-            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+            # a file's resolve URL (a /blob/ one downloads the web page, not the file)
+            assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/" + re.escape(model["name"]),
+                                model["url"]), model["url"]
     assert {m["name"] for m in workflow["models"]} == {n["widgets_values"][0] for n in loaders}
 
 

@@ -82,6 +82,8 @@ class Settings:
     local_blend: float = 0.3
     seed: int = 0
     concept_samples: int = 8
+    # The toy model's family: "sd15" (the UNet) or "sd3" (the joint-attention transformer).
+    family: str = "sd15"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def caption_tokens(clip, text: str) -> int:
 def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("main",), text_tokens: int = 4
           ) -> tuple[Graph, list[Method]]:
     """Return the graph of every method of the given groups for one task ('main', 'appearance', 'study', 'cast',
-    'blend', 'fast' or only its 'fast_preset', 'cost', 'reconstruction', 'sequential')."""
+    'blend', 'fast' or only its 'fast_preset', 'cost', 'reconstruction', 'sequential', 'blocks')."""
     g = Graph()
     _base(g, task, s, images)
     methods: list[Method] = []
@@ -202,9 +204,14 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
         for method in ("negative_prompt", "direct"):
             sampler = _sampler(g, f"vct_{method}", s, _null(g, s, method), learned)
             methods.append(Method(f"content {method}", sampler, reconstruction=sampler))
-        g.add("caption", "CLIPTextEncode", text=task.reference.caption(), clip=CLIP)
-        methods.append(Method("text caption (VCT)", _sampler(g, "text", s, null, out("caption"),
-                                                             concept_tokens=text_tokens), group="baseline"))
+        if s.family == "sd15":
+            g.add("caption", "CLIPTextEncode", text=task.reference.caption(), clip=CLIP)
+            caption = dict(concept_tokens=text_tokens)
+        else:  # T5 prompts record their layout through VCT Concept Prompt (concept_tokens is CLIP's)
+            g.add("caption", "VCTConceptPrompt", clip=CLIP, text=task.reference.caption())
+            caption = {}
+        methods.append(Method("text caption (VCT)", _sampler(g, "text", s, null, out("caption"), **caption),
+                              group="baseline"))
         g.add("plain", "KSamplerAdvanced", model=MODEL, add_noise="disable", noise_seed=s.seed, steps=s.steps,
               cfg=s.cfg, sampler_name="ddim", scheduler="ddim_uniform", positive=learned, negative=out("empty"),
               latent_image=out("ddim", 1), start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
@@ -218,6 +225,10 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
         g.add("samples", "KSampler", model=MODEL, seed=s.seed, steps=s.steps, cfg=s.cfg, sampler_name="ddim",
               scheduler="ddim_uniform", positive=learned, negative=out("empty"), latent_image=out("blank"), denoise=1.0)
         methods.append(Method("concept samples", "samples", group="samples"))
+    if "blocks" in groups:  # the joint-attention transformer: which blocks take B*'s attention
+        for choice in JOINT_BLOCKS:
+            methods.append(Method(f"joint blocks {choice}", _sampler(g, f"blocks_{choice}", s, null, learned,
+                                                                     joint_blocks=choice), group="blocks"))
     if "appearance" in groups:
         methods += appearance_methods(g, s, null, learned, with_vct="main" not in groups)
     if "study" in groups:  # one cheap configuration, rerun under other kernel settings (layers, queries)
@@ -277,6 +288,10 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
         methods.append(Method("caption prompt, untuned null", "rec_untuned", reconstruction="rec_untuned",
                               group="reconstruction"))
     return g, methods
+
+
+# The sampler's joint_blocks choices measured beside its default ("all") on the transformer.
+JOINT_BLOCKS = ("first_half", "second_half")
 
 
 # Appearance attention without a learned concept: (strength, window) of the sampler's inputs.
