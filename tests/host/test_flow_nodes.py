@@ -199,3 +199,27 @@ def test_composes_with_a_lora_and_flux_guidance_and_refuses_a_controlnet(pack, f
     controlled = [[family["source"][0][0], {**family["source"][0][1], "control": object()}]]
     with pytest.raises(ValueError, match="ControlNet, which VCT does not yet apply"):
         sample(pack, family, controlled)
+
+
+def test_training_recomputes_the_joint_blocks_when_memory_is_short(pack, family, monkeypatch):
+    def learn():
+        return pack.run("VCTConceptLearn", family["model"], family["clip"], family["latent"], "dog", 2, 2, 5e-3, 2,
+                        1.0, 0, "", False)[1]
+
+    kept = learn()
+    patched = []
+    original = pack.recompute.training_clone
+
+    def spy(model, recompute):
+        clone = original(model, recompute)
+        patched.append(sum(isinstance(p, pack.recompute.RecomputedForward) and p.checkpoint
+                           for p in clone.object_patches.values()))
+        return clone
+
+    monkeypatch.setattr(pack.training, "training_fits", lambda model, shape: False)
+    monkeypatch.setattr(pack.recompute, "training_clone", spy)
+    recomputed = learn()
+    blocks = len(pack.arch.joint.joint_block_keys(family["model"]))
+    assert patched and patched[0] == blocks, (patched, blocks)
+    for key in kept.vectors:
+        torch.testing.assert_close(recomputed.vectors[key], kept.vectors[key], rtol=1e-4, atol=1e-5)
