@@ -73,11 +73,12 @@ class VCTDualBranchSampler(io.ComfyNode):
                                "translation takes the reconstruction's latent wherever the concept tokens' "
                                "attention is below this fraction of its peak (prompt-to-prompt's local blend, "
                                "0.3). 0: off, the paper's VCT. Higher confines the change to a smaller region."),
-                io.Combo.Input("joint_blocks", options=list(JOINT_BLOCK_CHOICES), default="all", optional=True,
-                               tooltip="SD3 and Flux only: which joint-attention blocks take B*'s attention. all: "
-                               "every block. first_half / second_half: the blocks in the first or second half of "
-                               "the network. vital: the nine blocks Stable Flow found to matter in Flux.1 "
-                               "(FLUX.1 dev's layout only). SD1.x, SD2.x and SDXL use every block (leave all)."),
+                io.Combo.Input("joint_blocks", options=list(JOINT_BLOCK_CHOICES), default="auto", optional=True,
+                               tooltip="SD3 and Flux only: which joint-attention blocks take B*'s attention. auto: "
+                               "the second half (measured best on a toy SD3 model). all: every block. first_half "
+                               "/ second_half: the blocks in the first or second half of the network. vital: the "
+                               "nine blocks Stable Flow found to matter in Flux.1 (FLUX.1 dev's layout only). "
+                               "SD1.x, SD2.x and SDXL use every block (leave auto)."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="translation",
@@ -90,7 +91,7 @@ class VCTDualBranchSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, concept, cfg, self_injection, cross_injection, concept_weight,
                 concept_tokens=0, equalizer="concept_tokens", reference=None, appearance_strength=0.0,
-                appearance_window=1.0, local_blend=0.3, joint_blocks="all") -> io.NodeOutput:
+                appearance_window=1.0, local_blend=0.3, joint_blocks="auto") -> io.NodeOutput:
         """Sample both branches and return B and B*."""
         architecture = arch.for_model(model, NODE)
         identity.check_matches_model(inversion, model, NODE)

@@ -11,9 +11,15 @@
   means of the picture, centred on the background's grey and scaled ((p - 0.8) * 3.5), as latent
   channels 0-2 (channel 3 is zero), divided by SD1.5's latent scale; decoding repeats each latent
   position over 8x8 pixels. A 128 px image is a 16x16 latent.
-- `load_trained(path)`: (model, clip, vae) of a trained toy checkpoint. The file holds the UNet's
-  weights and, in its metadata, the recipe it was trained from (tests/quality/toy_model.py); the
-  text encoder is random and frozen, rebuilt here from the recipe's seed.
+- Tiny SD3 (MMDiT) models on `comfy.supported_models.SD3` (rectified flow, shift 3): `tiny_sd3_model`
+  and `tiny_sd3_clip` (SD3's tokenizer and encoder classes, T5 only and tiny). The toy world's SD3
+  toy sees the same picture in the first three of SD3's 16 latent channels, in SD3's latent format
+  (`picture_vae("sd3")`: VAEEncode gives working latent / scale + shift, which ComfyUI's process_in
+  undoes).
+- `load_trained(path)`: (model, clip, vae) of a trained toy checkpoint. The file holds the diffusion
+  model's weights and, in its metadata, the recipe it was trained from (tests/quality/toy_model.py
+  for the SD1.5 toy, toy_flow_model.py for the SD3 toy; the recipe's `family`, SD1.5 where absent,
+  picks the builder); the text encoder is random and frozen, rebuilt here from the recipe's seed.
 
 ComfyUI is imported at import time: load this file once ComfyUI is importable. A module, not a command.
 """
@@ -27,11 +33,14 @@ if __name__ == "__main__":  # before ComfyUI's imports, which fail outside it
     sys.exit(f"{Path(__file__).name} is a module of the headless runner, not a command: "
              f"see python {Path(__file__).with_name('run_workflow.py')} --help")
 
+import comfy.latent_formats  # noqa: E402
 import comfy.ldm.models.autoencoder  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
+import comfy.supported_models_base  # noqa: E402
+import comfy.text_encoders.sd3_clip  # noqa: E402
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
@@ -201,6 +210,66 @@ def tiny_sd1_clip(embedding_directory=None, seed: int = 1, dtype: torch.dtype | 
     return clip
 
 
+# ----------------------------------------------------------------------------------------------
+# SD3 (MMDiT) and its T5 text encoder
+# ----------------------------------------------------------------------------------------------
+
+SD3_LATENT_CHANNELS = 16
+TINY_T5_WIDTH = 64
+# T5-XXL's json with these fields replaced (`model_options["t5xxl_model_config"]`); the vocabulary
+# stays the real one so the real tokenizer's ids fit.
+TINY_T5_CONFIG = {"d_model": TINY_T5_WIDTH, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+SD3_POOLED_WIDTH = 768 + 1280  # CLIP-L + CLIP-G pooled, zeros when they are off
+
+
+def tiny_sd3_unet_config(depth: int = 2, num_blocks: int = 2, patch_size: int = 2,
+                         context_dim: int = TINY_T5_WIDTH) -> dict:
+    """Return the `unet_config` dict ComfyUI's model detection would produce for a tiny SD3 MMDiT.
+
+    ComfyUI's MMDiT fixes 64-wide heads and `depth` of them (width 64 * depth); `num_blocks` sets
+    the number of joint blocks independently. No stored position embedding (`num_patches` None):
+    MMDiT then computes its 2-d sin-cos embedding for the latent's size. Patch 1 does not run in
+    ComfyUI 0.3.64 (MMDiT counts patches as (side + 1) // patch), so the patch is 2 as in SD3.
+    """
+    return {
+        "in_channels": SD3_LATENT_CHANNELS, "out_channels": SD3_LATENT_CHANNELS, "patch_size": patch_size,
+        "input_size": None, "depth": depth, "num_blocks": num_blocks, "adm_in_channels": SD3_POOLED_WIDTH,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": context_dim, "out_features": 64 * depth}},
+        "pos_embed_scaling_factor": None, "pos_embed_max_size": None, "num_patches": None,
+        "qk_norm": None, "x_block_self_attn_layers": [],
+    }
+
+
+# The test suite's default tiny SD3: 2 joint blocks, 128 wide, 2 heads.
+TINY_SD3_UNET_CONFIG = tiny_sd3_unet_config()
+
+
+def tiny_sd3_model(seed: int = 0, dtype: torch.dtype | None = None, **config) -> comfy.model_patcher.ModelPatcher:
+    """Return a ModelPatcher around a tiny SD3 MMDiT (`supported_models.SD3` -> `model_base.SD3`, flow, shift 3)
+    of `tiny_sd3_unet_config(**config)` (default 2 joint blocks, 128 wide, 2 heads); 16 latent channels;
+    context TINY_T5_WIDTH wide; pooled `y` of 2048."""
+    return build_tiny_model(comfy.supported_models.SD3(tiny_sd3_unet_config(**config)), seed, dtype)
+
+
+def tiny_clip_from_target(target, model_options: dict, embedding_directory=None, seed: int = 1) -> comfy.sd.CLIP:
+    """Return a `comfy.sd.CLIP` of a ClipTarget whose encoders `model_options` shrinks, every weight from `seed`."""
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, tokenizer_data={},
+                         parameters=32128 * TINY_T5_WIDTH, model_options=model_options)
+    init_tiny_weights_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_sd3_clip(embedding_directory=None, seed: int = 1) -> comfy.sd.CLIP:
+    """Return a `comfy.sd.CLIP` with SD3's tokenizer and encoder classes (`sd3_clip.SD3Tokenizer`,
+    `SD3ClipModel`), T5 only and tiny (TINY_T5_CONFIG): context `[1, >= 77, TINY_T5_WIDTH]`, pooled
+    zeros `[1, 2048]` (ComfyUI pads CLIP-L/G outputs to T5-XXL's 4096 width, so a narrow T5 cannot
+    sit beside them). Embedding files: key `t5xxl`, [n, TINY_T5_WIDTH]."""
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.text_encoders.sd3_clip.SD3Tokenizer,
+        comfy.text_encoders.sd3_clip.sd3_clip(clip_l=False, clip_g=False, t5=True))
+    return tiny_clip_from_target(target, {"t5xxl_model_config": dict(TINY_T5_CONFIG)}, embedding_directory, seed)
+
 
 # ----------------------------------------------------------------------------------------------
 # VAE
@@ -235,66 +304,99 @@ LATENT_FACTOR = 8
 PICTURE_OFFSET, PICTURE_SCALE = 0.8, 3.5
 
 
-def picture_to_latent(picture: torch.Tensor) -> torch.Tensor:
-    """Return the working-space latents of pictures `[B, 3, S, S]` in [0, 1] (centred, scaled, a zero channel added)."""
+def picture_to_latent(picture: torch.Tensor, channels: int = 4) -> torch.Tensor:
+    """Return the working-space latents `[B, channels, S, S]` of pictures `[B, 3, S, S]` in [0, 1]
+    (centred, scaled, zero channels added: 4 for SD1.5, 16 for SD3)."""
     latent = (picture.float() - PICTURE_OFFSET) * PICTURE_SCALE
-    return torch.cat([latent, torch.zeros_like(latent[:, :1])], dim=1)
+    return torch.cat([latent, latent.new_zeros(latent.shape[0], channels - 3, *latent.shape[2:])], dim=1)
 
 
 def latent_to_picture(latent: torch.Tensor) -> torch.Tensor:
-    """Return the pictures `[B, 3, S, S]` in [0, 1] of working-space latents `[B, 4, S, S]`."""
+    """Return the pictures `[B, 3, S, S]` in [0, 1] of working-space latents `[B, C, S, S]` (channels 0-2)."""
     return (latent[:, :3].float() / PICTURE_SCALE + PICTURE_OFFSET).clamp(0, 1)
+
+
+def _latent_format(family: str) -> tuple[int, float, float]:
+    """Return (latent channels, scale, shift) of a toy family's latent format."""
+    if family == "sd3":  # ComfyUI's own constants, so the VAE matches the model's process_in/out
+        fmt = comfy.latent_formats.SD3()
+        return SD3_LATENT_CHANNELS, fmt.scale_factor, fmt.shift_factor
+    if family == "sd15":
+        return 4, SD15_LATENT_SCALE, 0.0
+    raise ValueError(f"unknown toy family {family!r}")
 
 
 class PictureLatent(torch.nn.Module):
     """The fixed latent encoding: the 8x8 means of the picture, centred and scaled, in channels 0-2."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 4, scale: float = SD15_LATENT_SCALE, shift: float = 0.0) -> None:
         super().__init__()
-        # ComfyUI's model management sizes and moves modules by their tensors; give it one.
-        self.register_buffer("latent_scale", torch.tensor(SD15_LATENT_SCALE))
+        self.channels = channels
+        # ComfyUI's model management sizes and moves modules by their tensors; give it some.
+        self.register_buffer("latent_scale", torch.tensor(scale))
+        self.register_buffer("latent_shift", torch.tensor(shift))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Return VAE-space latents `[B, 4, H/8, W/8]` of images `[B, 3, H, W]` in [-1, 1]."""
+        """Return VAE-space latents `[B, channels, H/8, W/8]` of images `[B, 3, H, W]` in [-1, 1]
+        (working latent / scale + shift, which the latent format's process_in undoes)."""
         picture = (torch.nn.functional.avg_pool2d(pixels.float(), LATENT_FACTOR) + 1) / 2
-        return (picture_to_latent(picture) / self.latent_scale).to(pixels.dtype)
+        return (picture_to_latent(picture, self.channels) / self.latent_scale + self.latent_shift).to(pixels.dtype)
 
     def decode(self, latent: torch.Tensor, **_) -> torch.Tensor:
         """Return images `[B, 3, 8H, 8W]` in [-1, 1] from VAE-space latents."""
-        picture = latent_to_picture(latent.float() * self.latent_scale) * 2 - 1
+        picture = latent_to_picture((latent.float() - self.latent_shift) * self.latent_scale) * 2 - 1
         return picture.repeat_interleave(LATENT_FACTOR, -2).repeat_interleave(LATENT_FACTOR, -1)
 
 
-def picture_vae() -> comfy.sd.VAE:
-    """Return a `comfy.sd.VAE` whose first stage is the fixed `PictureLatent` encoding."""
+def picture_vae(family: str = "sd15") -> comfy.sd.VAE:
+    """Return a `comfy.sd.VAE` whose first stage is the fixed `PictureLatent` encoding in `family`'s latent format."""
+    channels, scale, shift = _latent_format(family)
     vae = tiny_vae()
-    vae.first_stage_model = PictureLatent().eval()
+    vae.first_stage_model = PictureLatent(channels, scale, shift).eval()
+    vae.latent_channels = channels  # what ComfyUI's tiled encoding allocates
     vae.patcher = comfy.model_patcher.ModelPatcher(
         vae.first_stage_model, load_device=vae.device, offload_device=comfy.model_management.vae_offload_device()
     )
     return vae
 
 
+def recipe_family(recipe: dict) -> str:
+    """Return a toy recipe's model family: "sd3", or "sd15" (the SD1.5 toy's recipe names none)."""
+    return recipe.get("family", "sd15")
+
+
 def build(recipe: dict, embedding_directory=None):
     """Return an untrained (model, clip, vae) of a toy recipe's architecture (model weights random)."""
+    family = recipe_family(recipe)
+    if family == "sd3":
+        mmdit = recipe["mmdit"]
+        model = tiny_sd3_model(seed=recipe["seed"], depth=mmdit["depth"], num_blocks=mmdit["num_blocks"],
+                               patch_size=mmdit["patch_size"])
+        clip = tiny_sd3_clip(embedding_directory, seed=recipe["clip_seed"])
+        return model, clip, picture_vae(family)
     unet = recipe["unet"]
     model = tiny_sd15_model(
         seed=recipe["seed"], model_channels=unet["model_channels"], channel_mult=tuple(unet["channel_mult"]),
         attention_levels=tuple(unet["attention_levels"]),
     )
     clip = tiny_sd1_clip(embedding_directory, seed=recipe["clip_seed"])
-    return model, clip, picture_vae()
+    return model, clip, picture_vae(family)
+
+
+def read_recipe(path: Path) -> dict:
+    """Return the recipe stored in a trained toy checkpoint's metadata."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})["comfyui_vct_tiny"])["recipe"]
 
 
 def load_trained(path: Path, embedding_directory=None):
-    """Return (model, clip, vae) of the toy checkpoint at `path`, the UNet holding its trained weights."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        marker = json.loads((f.metadata() or {})["comfyui_vct_tiny"])
-    model, clip, vae = build(marker["recipe"], embedding_directory)
+    """Return (model, clip, vae) of the toy checkpoint at `path` (SD1.5 or SD3 toy, by its recipe's family),
+    the diffusion model holding its trained weights."""
+    model, clip, vae = build(read_recipe(path), embedding_directory)
     weights = safetensors.torch.load_file(str(path))
-    unet = model.model.diffusion_model
-    unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
-    unet.eval()
+    net = model.model.diffusion_model
+    net.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    net.eval()
     return model, clip, vae
 
 

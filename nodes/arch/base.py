@@ -67,12 +67,12 @@ class Architecture(abc.ABC):
 
     @abc.abstractmethod
     def inject(self, model, config: InjectionConfig, sigmas: torch.Tensor,
-               appearance: Optional[AppearanceConfig] = None, blocks: str = "all"):
+               appearance: Optional[AppearanceConfig] = None, blocks: str = "auto"):
         """Return a clone of `model` with VCT's dual-branch control on its attention, wrapping patches already there.
 
         With `appearance`, the self-attention of the blocks the architecture calls its decoder may
         also read the reference rows' keys and values (reference appearance attention). `blocks`
-        names which blocks take part, where the architecture offers a choice ("all" everywhere).
+        names which blocks take part, where the architecture offers a choice ("auto": the architecture's default).
         """
 
     @staticmethod

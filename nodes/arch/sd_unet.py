@@ -91,12 +91,12 @@ class SDUNet(Architecture):
         return model.model.model_config.unet_config.get("context_dim")
 
     def inject(self, model, config: vct_ops.InjectionConfig, sigmas: torch.Tensor,
-               appearance: Optional[vct_ops.AppearanceConfig] = None, blocks: str = "all"):
+               appearance: Optional[vct_ops.AppearanceConfig] = None, blocks: str = "auto"):
         """Return a clone with the controller on every transformer block's attn1 and attn2, wrapping patches there;
         the output blocks are the decoder for appearance attention."""
-        if blocks != "all":
+        if blocks not in ("auto", "all"):
             raise ValueError(f"joint_blocks is {blocks!r}, a choice for SD3 and Flux; the UNet families use every "
-                             "transformer block: set it to all")
+                             "transformer block: set it to auto")
         controller = vct_ops.AttentionController(sigmas, config, attention=_comfy_attention, appearance=appearance)
         return controlled_clone(model, controller)
 

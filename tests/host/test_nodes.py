@@ -223,7 +223,7 @@ def test_bad_inputs_get_clear_errors(pack, setup):
 
 
 def test_joint_blocks_other_than_all_are_refused_on_the_unet(pack, setup):
-    with pytest.raises(ValueError, match="joint_blocks is 'first_half', a choice for SD3 and Flux.*set it to all"):
+    with pytest.raises(ValueError, match="joint_blocks is 'first_half', a choice for SD3 and Flux.*set it to auto"):
         pack.run("VCTDualBranchSampler", setup["model"], setup["tuned"], setup["source"], 7.5, 0.9, 0.2, 0.5,
                  joint_blocks="first_half")
 

@@ -84,6 +84,8 @@ class Settings:
     concept_samples: int = 8
     # The toy model's family: "sd15" (the UNet) or "sd3" (the joint-attention transformer).
     family: str = "sd15"
+    # The sampler's joint_blocks for the SD3 toy's rows ("all": as the table's rows were measured).
+    joint_blocks: str = "all"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +171,8 @@ def _sampler(g: Graph, node_id: str, s: Settings, null: str, concept: list, mode
     inputs = dict(model=model, inversion=out(null), concept=concept, cfg=s.cfg, self_injection=s.self_injection,
                   cross_injection=s.cross_injection, concept_weight=s.concept_weight, concept_tokens=0,
                   equalizer=s.equalizer, local_blend=s.local_blend)
+    if s.family != "sd15":
+        inputs["joint_blocks"] = s.joint_blocks
     inputs.update(overrides)
     return g.add(node_id, "VCTDualBranchSampler", **inputs)
 
@@ -292,6 +296,7 @@ def build(task: Task, s: Settings, images: dict, groups: tuple[str, ...] = ("mai
 
 # The sampler's joint_blocks choices measured beside its default ("all") on the transformer.
 JOINT_BLOCKS = ("first_half", "second_half")
+# The measured rows of the SD3 toy ran with every block; the sampler's default there is "auto".
 
 
 # Appearance attention without a learned concept: (strength, window) of the sampler's inputs.
