@@ -278,7 +278,7 @@ def weights_path(recipe: dict = RECIPE_SD3, train_if_missing: bool = True) -> Pa
     return cached
 
 
-def measure(path: Path, captions: int = 24, scenes: int = 8) -> dict:
+def measure(path: Path, captions: int = 24, scenes: int = 24) -> dict:
     """Return the caption-following rates (Euler, 30 steps, CFG 3 and 5) and the inversion reconstruction
     figures (30 steps, empty caption) of the trained weights at `path`."""
     model, clip, _ = vct_toy.load_trained(path)
