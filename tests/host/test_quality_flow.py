@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 _QUALITY = Path(__file__).resolve().parents[1] / "quality"
@@ -45,11 +44,7 @@ def quality(comfy_session, vct_pack):
     return scores
 
 
-def mean(scores: list[dict], method: str, column: str) -> float:
-    """Return the mean of one column of one method over the tasks that ran it."""
-    values = [s[method][column] for s in scores if method in s]
-    assert values, f"{method} did not run"
-    return float(np.mean(values))
+mean = scoring.method_mean
 
 
 # The sampler's default on these models, joint_blocks "auto", is the second half of the blocks.

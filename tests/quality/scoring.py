@@ -102,3 +102,10 @@ def score(outcome: Outcome) -> dict[str, dict]:
         row.update(method_cost(outcome, m))
         rows[m.name] = row
     return rows
+
+
+def method_mean(scores: list[dict], method: str, column: str) -> float:
+    """Return the mean of one column of one method over the tasks (scores as `score` gives them) that ran it."""
+    values = [s[method][column] for s in scores if method in s]
+    assert values, f"{method} did not run"
+    return float(np.mean(values))

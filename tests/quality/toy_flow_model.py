@@ -140,18 +140,7 @@ def train(recipe: dict = RECIPE_SD3, log_every: int = 250, on_step: Optional[Cal
                                            transformer_options=dict(toy_model.TRAIN_OPTIONS))
         velocity = (x - denoised) / s
         loss = torch.mean((velocity - (noise - z0)) ** 2) + recipe["x0_weight"] * torch.mean((denoised - z0) ** 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            decay = min(recipe["ema"], (step + 1) / (step + 10))
-            for k, v in net.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(v)
+        toy_model.update(net, optimizer, schedule, loss, ema, recipe["ema"], step)
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if on_step is not None:

@@ -154,6 +154,22 @@ TRAIN_OPTIONS = {"optimized_attention_override": _sdpa}
 # training
 # ----------------------------------------------------------------------------------------------
 
+def update(net: torch.nn.Module, optimizer, schedule, loss: torch.Tensor, ema: dict, ema_cap: float, step: int) -> None:
+    """Take one optimisation step on `loss` (gradients clipped to norm 1) and update the EMA weights `ema` in place."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():
+        decay = min(ema_cap, (step + 1) / (step + 10))  # warm-up of the average: early weights fade fast
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
 def train(recipe: dict = RECIPE, log_every: int = 250, on_step: Optional[Callable[[int, float], None]] = None
           ) -> dict:
     """Return the EMA weights of the recipe's UNet trained on the world (float32, CPU state dict)."""
@@ -187,18 +203,7 @@ def train(recipe: dict = RECIPE, log_every: int = 250, on_step: Optional[Callabl
         denoised = model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=dict(TRAIN_OPTIONS))
         eps = (x - denoised) / sigma.view(-1, 1, 1, 1)
         loss = torch.mean((eps - noise) ** 2) + recipe["x0_weight"] * torch.mean((denoised - z0) ** 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            decay = min(recipe["ema"], (step + 1) / (step + 10))
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(v)
+        update(unet, optimizer, schedule, loss, ema, recipe["ema"], step)
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if on_step is not None:
